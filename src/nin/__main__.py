@@ -1,0 +1,3 @@
+from nin.cli import main
+
+raise SystemExit(main())

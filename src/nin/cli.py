@@ -1,0 +1,157 @@
+"""The `nin` command line: models, summary, download, train, eval."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nin.errors import NinError
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    """List the registered models with their input size and parameter count."""
+    from nin.models import count_parameters, create_model, list_models, model_info
+
+    for name in list_models():
+        info = model_info(name)
+        size = "×".join(map(str, info.input_size))
+        params = count_parameters(create_model(name))
+        print(f"{name:<14} {size:<11} {params:>11,} params  {info.description}")
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    """Print the per-layer table of a model."""
+    from nin.models import create_model, model_info
+    from nin.resources import format_summary, summarize
+
+    info = model_info(args.model)
+    size = tuple(args.input_size) if args.input_size else info.input_size
+    if any(d < 1 for d in size):
+        raise NinError(f"--input-size must be three positive numbers C H W, got {size}")
+    model = create_model(args.model, num_classes=args.num_classes, in_channels=size[0])
+    try:
+        rows = summarize(model, size)
+    except RuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise NinError(f"model {args.model!r} cannot take input {size} ({reason})") from None
+    title = f"{args.model}, input 1×{'×'.join(map(str, size))}"
+    print(format_summary(rows, title))
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    """Download and verify a data set's four files."""
+    from nin.data import ensure_files
+
+    for path in ensure_files(args.dataset, args.data_dir).values():
+        print(f"ok  {path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a model (see `nin train --help`)."""
+    from nin.train import make_config, train
+
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "model", "dataset", "epochs", "lr", "batch_size", "resize", "momentum",
+            "weight_decay", "label_smoothing", "schedule", "amp", "device", "seed",
+            "data_dir", "out", "train_subset", "test_subset",
+        )
+    }  # fmt: skip
+    train(make_config(args.preset, **overrides))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Reload a checkpoint and print its test accuracy, overall and per class."""
+    import torch
+
+    from nin.checkpoint import load_checkpoint
+    from nin.data import dataset_spec
+    from nin.train import accuracy, evaluate, make_config, make_loaders, per_class_accuracy
+    from nin.train import pick_device
+
+    model, saved = load_checkpoint(args.checkpoint)
+    device, _ = pick_device(args.device)
+    config = make_config(
+        saved["preset"],
+        **{k: saved[k] for k in ("model", "dataset", "resize", "normalize", "channels_last")},
+        data_dir=args.data_dir,
+        test_subset=args.test_subset,
+        batch_size=args.batch_size,
+    )
+    _, test_loader, num_classes, _ = make_loaders(config, device)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    confusion = evaluate(model, test_loader, num_classes, saved.get("amp", False))
+    classes = dataset_spec(config.dataset).classes
+    print(f"{config.model} on {config.dataset} test split ({test_loader.num_examples} images)")
+    for name, acc in zip(classes, per_class_accuracy(confusion), strict=True):
+        print(f"  {name:<12} {acc:.3f}")
+    print(f"test acc {accuracy(confusion):.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="nin", description="Network in Network: build, inspect, train and evaluate NiN."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the registered models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("summary", help="per-layer output shape, parameters and FLOPs")
+    p.add_argument("model", help="a registered model name (see `nin models`)")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--num-classes", type=int, default=None)
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("download", help="download and verify a data set")
+    p.add_argument("dataset", choices=["fashion-mnist", "mnist"])
+    p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("train", help="train a model; prints the chapter's summary line")
+    p.add_argument("--preset", default="compact", help="compact (default, CPU-friendly) or d2l")
+    p.add_argument("--model")
+    p.add_argument("--dataset", choices=["fashion-mnist", "mnist"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--resize", type=int, help="resize images to this square size on the device")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--schedule", choices=["constant", "onecycle"])
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
+    p.add_argument("--out", help="run directory (default: runs/<time>-<preset>)")
+    p.add_argument("--train-subset", type=int, help="train on the first N examples only")
+    p.add_argument("--test-subset", type=int, help="test on the first N examples only")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint, overall and per class")
+    p.add_argument("checkpoint", help="a run directory or its model.safetensors")
+    p.add_argument("--device")
+    p.add_argument("--data-dir")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--test-subset", type=int)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `nin` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except NinError as e:
+        print(f"nin: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nin: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,322 @@
+"""Data: download and verify the official IDX files, read them, and serve batches from the device.
+
+The whole split is held as uint8 on the training device; every batch is gathered, converted,
+resized, normalised and augmented there, in one go. There is no per-sample Python anywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nin.errors import NinError
+
+IDX_DTYPES = {0x08: torch.uint8}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """An IDX data set: its files with their md5, where to fetch them, and its statistics."""
+
+    name: str
+    files: dict[str, tuple[str, str]]  # key -> (file name, md5)
+    mirrors: tuple[str, ...]
+    classes: tuple[str, ...]
+    mean: float  # of train pixels in [0, 1], for normalisation
+    std: float
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        files={
+            "train_images": ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            "train_labels": ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            "test_images": ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            "test_labels": ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        },
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        classes=(
+            "t-shirt/top",
+            "trouser",
+            "pullover",
+            "dress",
+            "coat",
+            "sandal",
+            "shirt",
+            "sneaker",
+            "bag",
+            "ankle boot",
+        ),  # fmt: skip
+        mean=0.2860,
+        std=0.3530,
+    ),
+    "mnist": DatasetSpec(
+        name="mnist",
+        files={
+            "train_images": ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            "train_labels": ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+            "test_images": ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+            "test_labels": ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        },
+        # The original site often refuses downloads; PyTorch's mirror serves the same bytes.
+        mirrors=(
+            "http://yann.lecun.com/exdb/mnist/",
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        ),
+        classes=tuple(str(d) for d in range(10)),
+        mean=0.1307,
+        std=0.3081,
+    ),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The spec of a known data set, or a clear error listing the known names."""
+    if name not in DATASETS:
+        raise NinError(f"unknown data set {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+def data_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """Where data sets live: `data_dir`, else $NIN_DATA_DIR, else ~/.cache/nin."""
+    chosen = data_dir or os.environ.get("NIN_DATA_DIR") or Path.home() / ".cache" / "nin"
+    return Path(chosen).expanduser()
+
+
+def md5sum(path: Path) -> str:
+    """Hex md5 of a file, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
+    """Fetch `url` to `dest` atomically: a temporary file, checked against `md5`, then renamed.
+
+    Whatever goes wrong, no partial file is left behind; the error says what happened.
+    """
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as e:
+        raise NinError(f"cannot write to {dest.parent} ({e.strerror}); choose --data-dir") from None
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+                digest.update(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != md5:
+            raise NinError(
+                f"{url}: checksum mismatch (md5 {digest.hexdigest()}, expected {md5}); "
+                "the download is corrupt or not the official file"
+            )
+        os.replace(tmp, dest)
+        return dest
+    except urllib.error.HTTPError as e:
+        raise NinError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise NinError(f"{url}: cannot connect ({e.reason}); are you offline?") from None
+    except (OSError, ValueError) as e:  # includes http.client.IncompleteRead and timeouts
+        raise NinError(f"{url}: download failed ({type(e).__name__}: {e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ensure_files(
+    name: str, data_dir: str | os.PathLike | None = None, mirrors: tuple[str, ...] | None = None
+) -> dict[str, Path]:
+    """Paths of a data set's four files, downloading those that are missing.
+
+    A file already present with the right md5 is used as is; one with the wrong md5 is an error
+    (it is never silently replaced).
+    """
+    spec = dataset_spec(name)
+    folder = data_root(data_dir) / name
+    paths = {}
+    for key, (filename, md5) in spec.files.items():
+        path = folder / filename
+        if path.exists():
+            if md5sum(path) != md5:
+                raise NinError(
+                    f"{path}: wrong checksum (corrupt, truncated or not the official file); "
+                    "delete it and run again to download a fresh copy"
+                )
+        else:
+            _download_from_mirrors(path, md5, mirrors or spec.mirrors)
+        paths[key] = path
+    return paths
+
+
+def _download_from_mirrors(path: Path, md5: str, mirrors: tuple[str, ...]) -> None:
+    reasons = []
+    for base in mirrors:
+        try:
+            download(base.rstrip("/") + "/" + path.name, path, md5)
+            return
+        except NinError as e:
+            reasons.append(str(e))
+    raise NinError(
+        f"could not download {path.name} ({'; '.join(reasons)}). Download it from "
+        f"{mirrors[0]} yourself and put it at {path}, or point --data-dir / NIN_DATA_DIR at a "
+        f"directory holding {path.parent.name}/{path.name}"
+    )
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Read a gzipped IDX file (big-endian header, uint8 payload) into a uint8 tensor."""
+    path = Path(path)
+    fix = "delete it and run again to download a fresh copy"
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise NinError(f"{path}: file not found") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error, OSError) as e:
+        raise NinError(f"{path}: not a readable gzip file ({e}); {fix}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+        raise NinError(f"{path}: not an IDX file of unsigned bytes (bad magic number); {fix}")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise NinError(f"{path}: IDX header is truncated; {fix}")
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        raise NinError(
+            f"{path}: IDX dims {dims} need {expected} bytes but the file holds {len(data)}; {fix}"
+        )
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
+
+
+def load_split(
+    name: str, split: str, data_dir: str | os.PathLike | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 1, 28, 28) uint8 and labels (N,) int64 of the `train` or `test` split."""
+    if split not in ("train", "test"):
+        raise NinError(f"unknown split {split!r}; use 'train' or 'test'")
+    paths = ensure_files(name, data_dir)
+    images = read_idx(paths[f"{split}_images"])
+    labels = read_idx(paths[f"{split}_labels"])
+    if images.ndim != 3 or labels.ndim != 1:
+        raise NinError(
+            f"{paths[f'{split}_images']}: expected images (N, H, W) and labels (N,), got "
+            f"{tuple(images.shape)} and {tuple(labels.shape)}; the files do not belong together"
+        )
+    if len(images) != len(labels):
+        raise NinError(
+            f"{paths[f'{split}_labels']}: {len(labels)} labels for {len(images)} images; "
+            "the image and label files do not belong together"
+        )
+    num_classes = len(dataset_spec(name).classes)
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise NinError(f"{paths[f'{split}_labels']}: label {int(labels.max())} out of range")
+    return images.unsqueeze(1), labels.long()
+
+
+class DeviceLoader:
+    """Batches from a split held on the device as uint8, prepared there in batch.
+
+    Each batch is gathered by index, scaled to [0, 1], optionally resized with
+    `F.interpolate`, normalised, and (for training) flipped and translated at random.
+    The shuffling and augmentation draw from generators seeded with `seed`.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        shuffle: bool = False,
+        resize: int | None = None,
+        mean: float | None = None,
+        std: float | None = None,
+        flip: bool = False,
+        crop_padding: int = 0,
+        seed: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise NinError(f"batch size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.resize = resize
+        self.mean, self.std = mean, std
+        self.flip = flip
+        self.crop_padding = crop_padding
+        self.channels_last = channels_last
+        self.order_generator = torch.Generator().manual_seed(seed)
+        self.augment_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    @property
+    def num_examples(self) -> int:
+        """Number of examples in one pass."""
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.order_generator).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for start in range(0, n, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.prepare(self.images[index]), self.labels[index]
+
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float, resized, normalised, augmented."""
+        x = batch.float().div_(255)
+        if self.crop_padding:
+            x = random_translate(x, self.crop_padding, self.augment_generator)
+        if self.flip:
+            x = random_flip(x, self.augment_generator)
+        if self.resize and self.resize != x.shape[-1]:
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear")
+        if self.mean is not None and self.std is not None:
+            x = x.sub_(self.mean).div_(self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch left-right."""
+    mask = torch.rand(len(x), device=x.device, generator=generator) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+def random_translate(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding: shift each image by up to `padding` pixels each way."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4)
+    shifts = torch.randint(0, 2 * padding + 1, (2, b), device=x.device, generator=generator)
+    rows = shifts[0, :, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = shifts[1, :, None] + torch.arange(w, device=x.device)  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    # Advanced indexing gathers (B, H, W, C); move channels back to dim 1.
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)

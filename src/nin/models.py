@@ -1,0 +1,258 @@
+"""NiN models: the chapter's `nin_block`, the `NiN` network, and a registry of named networks.
+
+Every network here is a plain `nn.Sequential` of NiN blocks, pooling, dropout and global
+average pooling, written out top to bottom the way the chapter writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from nin.errors import NinError
+
+
+def nin_block(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    num_pointwise: int = 2,
+    batch_norm: bool = False,
+    pointwise_channels: Sequence[int] | None = None,
+    final_relu: bool = True,
+) -> nn.Sequential:
+    """A k×k convolution followed by `num_pointwise` 1×1 convolutions, each with ReLU.
+
+    `pointwise_channels` sets each 1×1 convolution's width (the paper's CIFAR/ImageNet nets
+    narrow inside a block); by default every one keeps `out_channels`, as in the chapter.
+    `batch_norm` puts BatchNorm between each convolution and its ReLU. `final_relu=False` leaves
+    the block's last convolution bare, so a classifier block can emit signed logits.
+    """
+    widths = [out_channels] + list(pointwise_channels or [out_channels] * num_pointwise)
+    layers: list[nn.Module] = []
+    for i, (c_in, c_out) in enumerate(zip([in_channels] + widths[:-1], widths, strict=True)):
+        is_last = i == len(widths) - 1
+        k, s, p = (kernel_size, stride, padding) if i == 0 else (1, 1, 0)
+        bare = is_last and not final_relu
+        norm = batch_norm and not bare
+        layers.append(nn.Conv2d(c_in, c_out, k, s, p, bias=not norm))
+        if norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        if not bare:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class NiN(nn.Sequential):
+    """Network in Network: NiN blocks and pooling, ending in global average pooling and flatten."""
+
+
+def global_average_pool() -> list[nn.Module]:
+    """The NiN head: average each class map over all positions, then flatten to logits."""
+    return [nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten()]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registry entry: how to build a model and the input size it is meant for."""
+
+    name: str
+    build: Callable[..., NiN]
+    input_size: tuple[int, int, int]
+    description: str
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(input_size: tuple[int, int, int], description: str):
+    """Decorator: add a model builder to the registry under its function name."""
+
+    def add(build: Callable[..., NiN]) -> Callable[..., NiN]:
+        _REGISTRY[build.__name__] = ModelInfo(build.__name__, build, input_size, description)
+        return build
+
+    return add
+
+
+def list_models() -> list[str]:
+    """Names of every registered model."""
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry for `name`, or a clear error listing the known names."""
+    if name not in _REGISTRY:
+        raise NinError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def create_model(
+    name: str, num_classes: int | None = None, in_channels: int | None = None, **kwargs
+) -> NiN:
+    """Build a registered model by name (timm-style); unset arguments keep the model's defaults."""
+    build = model_info(name).build
+    given = {"num_classes": num_classes, "in_channels": in_channels}
+    return build(**{k: v for k, v in given.items() if v is not None}, **kwargs)
+
+
+@register_model((1, 224, 224), "the chapter's NiN (d2l): 96/256/384 channels, 11/5/3 windows")
+def nin_d2l(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    num_pointwise: int = 2,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+) -> NiN:
+    """The chapter's network, layer for layer (1,992,166 parameters for 1 channel, 10 classes)."""
+
+    def block(c_in: int, c_out: int, k: int, s: int, p: int) -> nn.Sequential:
+        return nin_block(c_in, c_out, k, s, p, num_pointwise=num_pointwise, batch_norm=batch_norm)
+
+    return NiN(
+        block(in_channels, 96, 11, 4, 0),
+        nn.MaxPool2d(3, stride=2),
+        block(96, 256, 5, 1, 2),
+        nn.MaxPool2d(3, stride=2),
+        block(256, 384, 3, 1, 1),
+        nn.MaxPool2d(3, stride=2),
+        nn.Dropout(dropout),
+        # There are `num_classes` label classes: one output channel per class.
+        block(384, num_classes, 3, 1, 1),
+        *global_average_pool(),
+    )
+
+
+@register_model(
+    (1, 28, 28), "compact NiN for native 28×28 input: 48/96/192 channels, 5/3/3 windows"
+)
+def nin_compact(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    num_pointwise: int = 2,
+    batch_norm: bool = True,
+    dropout: float = 0.5,
+    final_relu: bool = False,
+) -> NiN:
+    """The chapter's structure at 28×28: narrower, a 5×5 first window, no resize needed.
+
+    Batch norm is on and the last block ends in bare logits (no ReLU before global average
+    pooling), which removes the chapter's collapse to loss ln 10.
+    """
+
+    def block(c_in: int, c_out: int, k: int, p: int, last_relu: bool = True) -> nn.Sequential:
+        return nin_block(
+            c_in, c_out, k, 1, p, num_pointwise, batch_norm=batch_norm, final_relu=last_relu
+        )
+
+    return NiN(
+        block(in_channels, 48, 5, 2),  # 28×28
+        nn.MaxPool2d(3, stride=2),  # 13×13
+        block(48, 96, 3, 1),
+        nn.MaxPool2d(3, stride=2),  # 6×6
+        block(96, 192, 3, 1),
+        nn.MaxPool2d(3, stride=2),  # 2×2
+        nn.Dropout(dropout),
+        block(192, num_classes, 3, 1, last_relu=final_relu),
+        *global_average_pool(),
+    )
+
+
+def paper_widths(num_pointwise: int, *paper: int) -> list[int]:
+    """The paper's 1×1 widths for a block; another count keeps the first width and ends on the last."""
+    if num_pointwise == len(paper):
+        return list(paper)
+    return [paper[0]] * (num_pointwise - 1) + [paper[-1]] if num_pointwise else []
+
+
+def out_channels(block: nn.Sequential) -> int:
+    """Channels a block emits: those of its last convolution."""
+    return [m for m in block if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+@register_model((3, 32, 32), "the paper's CIFAR-10 NiN (Caffe model): 192-channel blocks")
+def nin_cifar(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    num_pointwise: int = 2,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+) -> NiN:
+    """Lin et al.'s CIFAR-10 network: 192 5×5 → 160 → 96, 192 5×5 → 192 → 192, 192 3×3 → 192 → C.
+
+    Pooling uses Caffe's ceil mode (32 → 16 → 8), as the authors' model does.
+    """
+    n, bn = num_pointwise, batch_norm
+    b1 = nin_block(
+        in_channels, 192, 5, 1, 2, batch_norm=bn, pointwise_channels=paper_widths(n, 160, 96)
+    )
+    b2 = nin_block(
+        out_channels(b1), 192, 5, 1, 2, batch_norm=bn, pointwise_channels=paper_widths(n, 192, 192)
+    )
+    width = 192 if n else num_classes
+    b3 = nin_block(
+        192, width, 3, 1, 1, batch_norm=bn, pointwise_channels=paper_widths(n, 192, num_classes)
+    )
+    return NiN(
+        b1,
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 16×16
+        nn.Dropout(dropout),
+        b2,
+        nn.AvgPool2d(3, stride=2, ceil_mode=True),  # 8×8
+        nn.Dropout(dropout),
+        b3,
+        *global_average_pool(),
+    )
+
+
+@register_model((3, 224, 224), "the paper's four-block ImageNet NiN (model zoo): 7,595,176 params")
+def nin_imagenet(
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    num_pointwise: int = 2,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+) -> NiN:
+    """The authors' ImageNet model: 96/256/384/1024 channels, 11/5/3/3 windows, ceil-mode pools."""
+
+    def block(c_in: int, c_out: int, k: int, s: int, p: int) -> nn.Sequential:
+        pointwise = paper_widths(num_pointwise, c_out, c_out)
+        return nin_block(c_in, c_out, k, s, p, batch_norm=batch_norm, pointwise_channels=pointwise)
+
+    width = 1024 if num_pointwise else num_classes
+    return NiN(
+        block(in_channels, 96, 11, 4, 0),  # 54×54
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 27×27
+        block(96, 256, 5, 1, 2),
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 13×13
+        block(256, 384, 3, 1, 1),
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 6×6
+        nn.Dropout(dropout),
+        nin_block(
+            384,
+            width,
+            3,
+            1,
+            1,
+            batch_norm=batch_norm,
+            pointwise_channels=paper_widths(num_pointwise, 1024, num_classes),
+        ),
+        *global_average_pool(),
+    )
+
+
+def xavier_init_(model: nn.Module) -> nn.Module:
+    """Xavier-uniform weights for every convolution and linear layer, as d2l's train_ch6 does."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

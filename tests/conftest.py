@@ -1,0 +1,32 @@
+"""Shared test helpers: the real data in ../shared/data, and an IDX writer."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# CI and developers have the real data beside the checkout; NIN_TEST_DATA may point elsewhere.
+SHARED_DATA = Path(os.environ.get("NIN_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 array as a gzipped IDX file (the format's big-endian header, then bytes)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    return path
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The directory holding the real fashion-mnist/ and mnist/ folders."""
+    if not (SHARED_DATA / "fashion-mnist").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set NIN_TEST_DATA)")
+    return SHARED_DATA

@@ -1,0 +1,70 @@
+import re
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import SHARED_DATA
+
+
+def nin(*args, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "nin", *args], capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_summary_shows_the_chapters_shapes():
+    out = nin("summary", "nin_d2l").stdout
+    for shape in ["1×96×54×54", "1×96×26×26", "1×256×26×26", "1×256×12×12", "1×384×12×12",
+                  "1×384×5×5", "1×10×5×5", "1×10×1×1"]:  # fmt: skip
+        assert shape in out
+    assert "1,992,166" in out and "1.52 GFLOP" in out
+
+
+def test_summary_with_input_size():
+    out = nin("summary", "nin_compact", "--input-size", "1", "32", "32").stdout
+    assert "input 1×1×32×32" in out
+
+
+def test_models_lists_the_registry():
+    out = nin("models").stdout
+    assert "nin_d2l" in out and "1,992,166" in out and "nin_imagenet" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["summary", "nin_x"], "unknown model 'nin_x'"),
+        (["summary", "nin_d2l", "--input-size", "1", "28", "28"], "cannot take input"),
+        (["train", "--epochs", "0"], "--epochs must be at least 1"),
+        (["eval", "/nonexistent/run"], "not found"),
+    ],
+)
+def test_bad_input_gets_one_line_error(args, message):
+    result = nin(*args, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_train_then_eval(tmp_path):
+    if not (SHARED_DATA / "fashion-mnist").is_dir():
+        pytest.skip("real data not found")
+    run = tmp_path / "run"
+    common = ["--data-dir", str(SHARED_DATA), "--test-subset", "500"]
+    out = nin("train", "--epochs", "1", "--train-subset", "1000", "--out", str(run), *common).stdout
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("nin: preset compact") and "on cpu" in lines[0]
+    assert re.fullmatch(r"epoch 1/1: loss [\d.]+, train acc [\d.]+, test acc [\d.]+, .*", lines[1])
+    summary = re.fullmatch(
+        r"loss [\d.]+, train acc [\d.]+, test acc ([\d.]+), [\d.]+ examples/sec on cpu", lines[-1]
+    )
+    assert summary, lines[-1]
+    evaluated = nin("eval", str(run), *common).stdout
+    assert "t-shirt/top" in evaluated and "ankle boot" in evaluated
+    # The reloaded checkpoint scores what training reported on the same images.
+    reloaded = float(re.search(r"test acc ([\d.]+)", evaluated).group(1))
+    assert abs(reloaded - float(summary.group(1))) <= 0.0005
