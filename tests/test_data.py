@@ -75,9 +75,11 @@ def test_real_mnist(data_dir):
 def test_mismatched_files_are_refused(tmp_path):
     folder = tmp_path / "fashion-mnist"
     folder.mkdir()
-    write_idx(folder / "bad.gz", np.zeros((3, 28, 28), np.uint8))
+    bad = write_idx(folder / FASHION.files["train_images"][0], np.zeros((3, 28, 28), np.uint8))
+    before = bad.read_bytes()
     with pytest.raises(NinError, match="wrong checksum"):
         ensure_files("fashion-mnist", tmp_path, mirrors=("http://127.0.0.1:9/",))
+    assert bad.read_bytes() == before  # never silently replaced
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
@@ -103,8 +105,11 @@ def server(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("served")
     for name, _ in FASHION.files.values():
         shutil.copy(data_dir / "fashion-mnist" / name, root / name)
+    # Under /wrong/ every name serves another file's bytes.
     (root / "wrong").mkdir()
-    shutil.copy(root / "train-labels-idx1-ubyte.gz", root / "wrong" / LABELS_FILE)
+    names = [name for name, _ in FASHION.files.values()]
+    for name, other in zip(names, names[1:] + names[:1], strict=True):
+        shutil.copy(root / other, root / "wrong" / name)
 
     def handler(*args, **kwargs):
         return Handler(*args, directory=str(root), **kwargs)
@@ -139,7 +144,7 @@ def closed_port() -> int:
     [
         ("/wrong/", "checksum mismatch"),
         ("/missing/", "HTTP 404"),
-        ("/truncated/", "download failed"),
+        ("/truncated/", "download truncated"),
         ("down", "cannot connect"),
     ],
 )
@@ -183,7 +188,9 @@ def test_loader_order_is_seeded():
 
 def test_loader_resizes_and_normalises_in_batch():
     images = torch.full((6, 1, 28, 28), 255, dtype=torch.uint8)
-    loader = DeviceLoader(images, torch.zeros(6, dtype=torch.long), 4, resize=224, mean=0.5, std=0.25)
+    loader = DeviceLoader(
+        images, torch.zeros(6, dtype=torch.long), 4, resize=224, mean=0.5, std=0.25
+    )
     x, _ = next(iter(loader))
     assert x.shape == (4, 1, 224, 224) and x.dtype == torch.float32
     assert torch.allclose(x, torch.full_like(x, 2.0))

@@ -7,7 +7,7 @@ from nin.checkpoint import load_checkpoint
 from nin.errors import NinError
 from nin.train import make_config, train
 
-QUICK = dict(train_subset=2000, test_subset=1000, epochs=2, batch_size=128)
+QUICK = dict(train_subset=5000, test_subset=1000, epochs=2, batch_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -24,20 +24,22 @@ def quick_run(tmp_path_factory):
 
 def test_short_run_learns_well_above_chance(quick_run):
     _, result, _ = quick_run
-    # 2,000 real training images, 2 epochs: chance is 0.10.
-    assert result["test_acc"] > 0.6
+    # 5,000 real training images, 2 epochs: chance is 0.10.
+    assert result["test_acc"] > 0.7
     assert result["history"][1]["loss"] < result["history"][0]["loss"]
 
 
-def test_same_seed_same_metrics(quick_run, tmp_path):
-    config, result, _ = quick_run
-    config.out = str(tmp_path)
-    again = train(config, log=lambda line: None)
-    assert again["history"] == [
-        {**row, "examples_per_sec": again["history"][i]["examples_per_sec"],
-         "epoch_seconds": again["history"][i]["epoch_seconds"]}
-        for i, row in enumerate(result["history"])
-    ]  # fmt: skip
+def test_same_seed_same_metrics(data_dir, tmp_path):
+    def metrics(seed, out):
+        config = make_config(
+            "compact", data_dir=str(data_dir), out=str(tmp_path / out), seed=seed,
+            train_subset=1000, test_subset=500, epochs=1, batch_size=100,
+        )  # fmt: skip
+        row = train(config, log=lambda line: None)["history"][0]
+        return [row[k] for k in ("loss", "train_acc", "test_acc")]
+
+    assert metrics(3, "a") == metrics(3, "b")
+    assert metrics(3, "a") != metrics(4, "c")
 
 
 def test_run_directory_holds_everything(quick_run):
@@ -95,7 +97,12 @@ def test_bad_settings_are_refused(overrides, message):
 def test_d2l_preset_is_the_chapter():
     config = make_config("d2l")
     assert (config.model, config.lr, config.epochs, config.batch_size) == ("nin_d2l", 0.1, 10, 128)
-    assert (config.resize, config.init, config.momentum, config.normalize) == (224, "xavier", 0, False)
+    assert (config.resize, config.init, config.momentum, config.normalize) == (
+        224,
+        "xavier",
+        0,
+        False,
+    )
 
 
 def test_impossible_input_size_stops_before_training(data_dir, tmp_path):

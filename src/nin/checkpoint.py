@@ -52,6 +52,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, config: dict[str, Any]) -> 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model saved in a run directory (or at its model.safetensors) and its config."""
     path = Path(path)
+    if not path.exists():
+        raise NinError(f"{path}: not found; give a run directory written by `nin train`")
     run_dir = path if path.is_dir() else path.parent
     weights_path = path if path.is_file() else run_dir / WEIGHTS
     config_path = run_dir / CONFIG

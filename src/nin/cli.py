@@ -67,8 +67,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from nin.checkpoint import load_checkpoint
     from nin.data import dataset_spec
-    from nin.train import accuracy, evaluate, make_config, make_loaders, per_class_accuracy
-    from nin.train import pick_device
+    from nin.train import (
+        accuracy,
+        evaluate,
+        make_config,
+        make_loaders,
+        per_class_accuracy,
+        pick_device,
+    )
 
     model, saved = load_checkpoint(args.checkpoint)
     device, _ = pick_device(args.device)

@@ -119,9 +119,14 @@ def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
     try:
         digest = hashlib.md5()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            expected = int(response.headers.get("Content-Length") or -1)
+            received = 0
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
                 digest.update(chunk)
+                received += len(chunk)
+            if expected >= 0 and received != expected:
+                raise NinError(f"{url}: download truncated ({received} of {expected} bytes)")
             out.flush()
             os.fsync(out.fileno())
         if digest.hexdigest() != md5:

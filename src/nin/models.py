@@ -32,7 +32,9 @@ def nin_block(
     `batch_norm` puts BatchNorm between each convolution and its ReLU. `final_relu=False` leaves
     the block's last convolution bare, so a classifier block can emit signed logits.
     """
-    widths = [out_channels] + list(pointwise_channels or [out_channels] * num_pointwise)
+    if pointwise_channels is None:
+        pointwise_channels = [out_channels] * num_pointwise
+    widths = [out_channels, *pointwise_channels]
     layers: list[nn.Module] = []
     for i, (c_in, c_out) in enumerate(zip([in_channels] + widths[:-1], widths, strict=True)):
         is_last = i == len(widths) - 1
@@ -163,7 +165,7 @@ def nin_compact(
 
 
 def paper_widths(num_pointwise: int, *paper: int) -> list[int]:
-    """The paper's 1×1 widths for a block; another count keeps the first width and ends on the last."""
+    """The paper's 1×1 widths; another count keeps the first width and ends on the last."""
     if num_pointwise == len(paper):
         return list(paper)
     return [paper[0]] * (num_pointwise - 1) + [paper[-1]] if num_pointwise else []

@@ -98,9 +98,8 @@ def format_summary(rows: list[LayerRow], title: str = "") -> str:
         indent = "  " * (r.depth - 1)
         shape = "×".join(str(d) for d in r.output_shape)
         kind = "nin_block" if r.kind == "Sequential" else r.kind
-        lines.append(
-            f"{indent + r.name:<10} {indent + kind:<18} {shape:<20} {r.parameters:>12,} {r.flops:>14,}"
-        )
+        name, kind = indent + r.name, indent + kind
+        lines.append(f"{name:<10} {kind:<18} {shape:<20} {r.parameters:>12,} {r.flops:>14,}")
     leaves = leaf_rows(rows)
     params, flops = sum(r.parameters for r in leaves), sum(r.flops for r in leaves)
     lines.append("-" * len(header))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nin.checkpoint import atomic_path, save_checkpoint, write_json
+from nin.checkpoint import atomic_path, save_checkpoint
 from nin.data import DeviceLoader, dataset_spec, load_split
 from nin.errors import NinError
 from nin.models import count_parameters, create_model, model_info, xavier_init_
