@@ -57,7 +57,7 @@ def test_train_then_eval(tmp_path):
     common = ["--data-dir", str(SHARED_DATA), "--test-subset", "500"]
     out = nin("train", "--epochs", "1", "--train-subset", "1000", "--out", str(run), *common).stdout
     lines = out.strip().splitlines()
-    assert lines[0].startswith("nin: preset compact") and "on cpu" in lines[0]
+    assert lines[0].startswith("nin: preset compact (the default") and "on cpu" in lines[0]
     assert re.fullmatch(r"epoch 1/1: loss [\d.]+, train acc [\d.]+, test acc [\d.]+, .*", lines[1])
     summary = re.fullmatch(
         r"loss [\d.]+, train acc [\d.]+, test acc ([\d.]+), [\d.]+ examples/sec on cpu", lines[-1]

@@ -156,7 +156,7 @@ def test_download_failures_leave_nothing_behind(server, tmp_path, where, message
     assert "\n" not in str(err.value)
     assert list(dest.parent.iterdir()) == []
     # Through ensure_files the error also says where to put the file by hand.
-    with pytest.raises(NinError, match="put it at") as err:
+    with pytest.raises(NinError, match="and put them in") as err:
         ensure_files("fashion-mnist", tmp_path / "cache", mirrors=(base,))
     assert message in str(err.value)
     assert list((tmp_path / "cache" / "fashion-mnist").iterdir()) == []

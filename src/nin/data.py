@@ -180,9 +180,9 @@ def _download_from_mirrors(path: Path, md5: str, mirrors: tuple[str, ...]) -> No
         except NinError as e:
             reasons.append(str(e))
     raise NinError(
-        f"could not download {path.name} ({'; '.join(reasons)}). Download it from "
-        f"{mirrors[0]} yourself and put it at {path}, or point --data-dir / NIN_DATA_DIR at a "
-        f"directory holding {path.parent.name}/{path.name}"
+        f"could not download {path.name} ({'; '.join(reasons)}). Download the data set's four "
+        f".gz files from {mirrors[0]} and put them in {path.parent}/, or point --data-dir or "
+        f"NIN_DATA_DIR at a directory holding {path.parent.name}/{path.name}"
     )
 
 
