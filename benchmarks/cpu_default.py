@@ -75,6 +75,7 @@ def main() -> None:
     wall = time.perf_counter() - wall
     naive = naive_epoch_speed(args.data_dir, config.batch_size, args.naive_steps)
 
+    device = result["device"]
     history = result["history"]
     rows = "\n".join(
         f"| {r['epoch']} | {r['epoch_seconds']:.1f} | {r['examples_per_sec']:.0f} "
@@ -90,12 +91,13 @@ one run of it on {date.today():%Y-%m-%d}.
 ## CPU: the default preset (`nin train`), end to end
 
 - Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__},
-  Python {platform.python_version()}; no GPU.
+  Python {platform.python_version()}; trained on `{device}`.
 - Settings: preset `compact` — `nin_compact` (324,874 parameters) on Fashion-MNIST at 28×28,
   {config.epochs} epochs, batch {config.batch_size}, SGD nesterov momentum {config.momentum},
   one-cycle lr {config.lr}, weight decay {config.weight_decay}, label smoothing
-  {config.label_smoothing}, random flips and 2-pixel translations, bfloat16 autocast,
-  channels-last; full 60,000 training and 10,000 test images.
+  {config.label_smoothing}, flips {config.flip}, {config.crop_padding}-pixel translations,
+  bfloat16 autocast {config.amp}, channels-last {config.channels_last}; all 60,000 training and
+  10,000 test images.
 - examples/sec is wall-clock time of the training passes *including* data preparation
   (gather, convert, augment on the device); evaluation is timed separately.
 
@@ -122,8 +124,8 @@ included; the naive one has neither, so the ratio is, if anything, an under-esti
 
 ## GPU
 
-Not measured: this work had no GPU lent. The chapter's setting (`--preset d2l`, 224×224) runs
-about 18 images/s on these 2 CPU cores (about 9 hours for 10 epochs) and is meant for a GPU.
+Not measured by this script. The chapter's setting (`--preset d2l`, 224×224) runs about
+18 images/s on 2 CPU cores (about 9 hours for 10 epochs) and is meant for a GPU.
 """
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

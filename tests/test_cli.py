@@ -54,7 +54,7 @@ def test_train_then_eval(tmp_path):
     if not (SHARED_DATA / "fashion-mnist").is_dir():
         pytest.skip("real data not found")
     run = tmp_path / "run"
-    common = ["--data-dir", str(SHARED_DATA), "--test-subset", "500"]
+    common = ["--data-dir", str(SHARED_DATA), "--test-subset", "500", "--device", "cpu"]
     out = nin("train", "--epochs", "1", "--train-subset", "1000", "--out", str(run), *common).stdout
     lines = out.strip().splitlines()
     assert lines[0].startswith("nin: preset compact (the default") and "on cpu" in lines[0]

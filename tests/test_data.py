@@ -11,6 +11,7 @@ import torch
 
 from nin.data import (
     DATASETS,
+    DatasetSpec,
     DeviceLoader,
     download,
     ensure_files,
@@ -23,7 +24,6 @@ from nin.errors import NinError
 from .conftest import write_idx
 
 FASHION = DATASETS["fashion-mnist"]
-LABELS_FILE, LABELS_MD5 = FASHION.files["test_labels"]
 
 
 def test_idx_round_trip(tmp_path):
@@ -100,16 +100,10 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def server(tmp_path_factory, data_dir):
-    """A real HTTP server on 127.0.0.1 serving the real Fashion-MNIST files."""
+def served(tmp_path_factory):
+    """A real HTTP server on 127.0.0.1 over a folder; yields (base URL, folder)."""
     root = tmp_path_factory.mktemp("served")
-    for name, _ in FASHION.files.values():
-        shutil.copy(data_dir / "fashion-mnist" / name, root / name)
-    # Under /wrong/ every name serves another file's bytes.
     (root / "wrong").mkdir()
-    names = [name for name, _ in FASHION.files.values()]
-    for name, other in zip(names, names[1:] + names[:1], strict=True):
-        shutil.copy(root / other, root / "wrong" / name)
 
     def handler(*args, **kwargs):
         return Handler(*args, directory=str(root), **kwargs)
@@ -117,9 +111,20 @@ def server(tmp_path_factory, data_dir):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def server(served, data_dir):
+    """The server above, serving the real Fashion-MNIST files; /wrong/ swaps their bytes."""
+    url, root = served
+    names = [name for name, _ in FASHION.files.values()]
+    for name, other in zip(names, names[1:] + names[:1], strict=True):
+        shutil.copy(data_dir / "fashion-mnist" / name, root / name)
+        shutil.copy(data_dir / "fashion-mnist" / other, root / "wrong" / name)
+    return url
 
 
 def test_download_success_then_cached(server, tmp_path):
@@ -139,27 +144,81 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize(
-    "where, message",
-    [
-        ("/wrong/", "checksum mismatch"),
-        ("/missing/", "HTTP 404"),
-        ("/truncated/", "download truncated"),
-        ("down", "cannot connect"),
-    ],
-)
-def test_download_failures_leave_nothing_behind(server, tmp_path, where, message):
-    base = f"http://127.0.0.1:{closed_port()}/" if where == "down" else server + where
-    dest = tmp_path / "cache" / LABELS_FILE
+FAILURES = [
+    ("/wrong/", "checksum mismatch"),
+    ("/missing/", "HTTP 404"),
+    ("/truncated/", "download truncated"),
+    ("down", "cannot connect"),
+]
+
+
+@pytest.mark.parametrize("where, message", FAILURES)
+def test_download_failures_leave_nothing_behind(served, tmp_path, where, message):
+    url, root = served
+    good = write_idx(root / "labels.gz", np.arange(200, dtype=np.uint8))
+    write_idx(root / "wrong" / "labels.gz", np.zeros(200, dtype=np.uint8))
+    base = f"http://127.0.0.1:{closed_port()}/" if where == "down" else url + where
+    dest = tmp_path / "cache" / "labels.gz"
     with pytest.raises(NinError, match=message) as err:
-        download(base + LABELS_FILE, dest, LABELS_MD5, timeout=10)
+        download(base + "labels.gz", dest, md5sum(good), timeout=10)
     assert "\n" not in str(err.value)
     assert list(dest.parent.iterdir()) == []
-    # Through ensure_files the error also says where to put the file by hand.
+    assert download(url + "/labels.gz", dest, md5sum(good)) == dest  # the same call, served well
+    assert md5sum(dest) == md5sum(good) and dest.stat().st_mode & 0o044  # readable by others
+
+
+@pytest.mark.parametrize("where, message", FAILURES)
+def test_failed_data_set_download_says_where_to_put_files(server, tmp_path, where, message):
+    base = f"http://127.0.0.1:{closed_port()}/" if where == "down" else server + where
     with pytest.raises(NinError, match="and put them in") as err:
-        ensure_files("fashion-mnist", tmp_path / "cache", mirrors=(base,))
-    assert message in str(err.value)
-    assert list((tmp_path / "cache" / "fashion-mnist").iterdir()) == []
+        ensure_files("fashion-mnist", tmp_path, mirrors=(base,))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert list((tmp_path / "fashion-mnist").iterdir()) == []
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A synthetic IDX data set registered as 'tiny', written by the test: (data dir, writer)."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+
+    def write(train_n=30, train_labels=30, test_n=10, max_label=2):
+        arrays = {
+            "train_images": np.random.default_rng(0).integers(0, 256, (train_n, 28, 28)),
+            "train_labels": np.arange(train_labels) % (max_label + 1),
+            "test_images": np.zeros((test_n, 28, 28)),
+            "test_labels": np.arange(test_n) % 3,
+        }
+        files = {}
+        for key, array in arrays.items():
+            path = write_idx(folder / f"{key}.gz", array.astype(np.uint8))
+            files[key] = (path.name, md5sum(path))
+        spec = DatasetSpec("tiny", files, ("http://127.0.0.1:9/",), ("a", "b", "c"), 0.5, 0.5)
+        monkeypatch.setitem(DATASETS, "tiny", spec)
+
+    return tmp_path, write
+
+
+def test_load_split_reads_a_data_set(tiny):
+    root, write = tiny
+    write()
+    images, labels = load_split("tiny", "train", root)
+    assert images.shape == (30, 1, 28, 28) and labels.tolist()[:4] == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize(
+    "counts, message",
+    [
+        (dict(train_labels=29), "29 labels for 30 images"),
+        (dict(max_label=5), "label 5 out of range"),
+    ],
+)
+def test_load_split_refuses_files_that_disagree(tiny, counts, message):
+    root, write = tiny
+    write(**counts)
+    with pytest.raises(NinError, match=message):
+        load_split("tiny", "train", root)
+    assert load_split("tiny", "test", root)[0].shape == (10, 1, 28, 28)  # the other split is fine
 
 
 def small_split(n=10):

@@ -5,7 +5,7 @@ import torch
 
 from nin.checkpoint import load_checkpoint
 from nin.errors import NinError
-from nin.train import make_config, train
+from nin.train import TrainConfig, accuracy, evaluate, make_config, make_loader, train
 
 QUICK = dict(train_subset=5000, test_subset=1000, epochs=2, batch_size=128)
 
@@ -38,8 +38,9 @@ def test_same_seed_same_metrics(data_dir, tmp_path):
         row = train(config, log=lambda line: None)["history"][0]
         return [row[k] for k in ("loss", "train_acc", "test_acc")]
 
-    assert metrics(3, "a") == metrics(3, "b")
-    assert metrics(3, "a") != metrics(4, "c")
+    first = metrics(3, "a")
+    assert metrics(3, "b") == first
+    assert metrics(4, "c") != first
 
 
 def test_run_directory_holds_everything(quick_run):
@@ -52,13 +53,16 @@ def test_run_directory_holds_everything(quick_run):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
-def test_checkpoint_reloads_the_same_model(quick_run):
-    _, _, out = quick_run
-    model, config = load_checkpoint(out)
-    again, _ = load_checkpoint(out / "model.safetensors")
-    x = torch.randn(3, 1, 28, 28)
-    assert torch.equal(model.eval()(x), again.eval()(x))
-    assert config["preset"] == "compact"
+def test_checkpoint_reloads_the_trained_model(quick_run):
+    config, result, out = quick_run
+    model, saved = load_checkpoint(out)
+    assert saved["preset"] == "compact" and saved["result"]["test_acc"] == result["test_acc"]
+    model.to(memory_format=torch.channels_last)
+    confusion = evaluate(model, make_loader(config, "test", torch.device("cpu")), 10, config.amp)
+    assert accuracy(confusion) == result["test_acc"]
+    again, _ = load_checkpoint(out / "model.safetensors")  # the weights file names the run too
+    pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_broken_checkpoints_get_one_line_errors(quick_run, tmp_path):
@@ -85,6 +89,10 @@ def test_broken_checkpoints_get_one_line_errors(quick_run, tmp_path):
         (dict(batch_size=0), "--batch-size must be at least 1"),
         (dict(model="vgg"), "unknown model"),
         (dict(dataset="cifar"), "unknown data set"),
+        (dict(momentum=-0.9), "--momentum must be 0 or more"),
+        (dict(weight_decay=-1e-4), "--weight-decay must be 0 or more"),
+        (dict(label_smoothing=1.5), "--label-smoothing must be in"),
+        (dict(resize=0), "--resize must be at least 1"),
     ],
 )
 def test_bad_settings_are_refused(overrides, message):
@@ -95,14 +103,31 @@ def test_bad_settings_are_refused(overrides, message):
 
 
 def test_d2l_preset_is_the_chapter():
-    config = make_config("d2l")
-    assert (config.model, config.lr, config.epochs, config.batch_size) == ("nin_d2l", 0.1, 10, 128)
-    assert (config.resize, config.init, config.momentum, config.normalize) == (
-        224,
-        "xavier",
-        0,
-        False,
-    )
+    chapter = TrainConfig(
+        preset="d2l", model="nin_d2l", dataset="fashion-mnist", epochs=10, lr=0.1,
+        batch_size=128, resize=224, momentum=0.0, nesterov=False, weight_decay=0.0,
+        schedule="constant", label_smoothing=0.0, flip=False, crop_padding=0, init="xavier",
+        normalize=False, amp=False, channels_last=False,
+    )  # fmt: skip
+    assert make_config("d2l") == chapter
+
+
+def test_optimizer_runs_the_configured_momentum(data_dir, tmp_path):
+    seen = []
+    config = make_config(
+        "compact", data_dir=str(data_dir), out=str(tmp_path), momentum=0.5,
+        train_subset=600, test_subset=100, epochs=1, batch_size=200,
+    )  # fmt: skip
+    original = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([(g["momentum"], g["nesterov"]) for g in self.param_groups])
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.SGD, "step", spy)
+        train(config, log=lambda line: None)
+    assert seen and all(groups == [(0.5, True)] for groups in seen)
 
 
 def test_impossible_input_size_stops_before_training(data_dir, tmp_path):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,29 +12,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nin.errors import NinError
+from nin.files import atomic_path, write_json
 from nin.models import create_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+# What `nin eval` needs from a config to rebuild the model and its input pipeline.
+REQUIRED = ("model", "num_classes", "in_channels", "preset", "dataset", "resize", "normalize")
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, config: dict[str, Any]) -> Path:
@@ -62,14 +43,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
             raise NinError(f"{needed}: not found; give a run directory written by `nin train`")
     try:
         config = json.loads(config_path.read_text())
+        missing = [k for k in REQUIRED if k not in config]
+        if missing:
+            raise KeyError(", ".join(missing))
         model = create_model(
             config["model"],
             num_classes=config["num_classes"],
             in_channels=config["in_channels"],
             **config.get("model_kwargs", {}),
         )
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise NinError(f"{config_path}: not a valid nin config ({e})") from None
+    except (ValueError, KeyError, TypeError) as e:  # ValueError covers JSON and decode errors
+        raise NinError(f"{config_path}: not a valid nin config (missing or bad: {e})") from None
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:

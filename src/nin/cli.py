@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from nin.errors import NinError
@@ -46,19 +47,19 @@ def cmd_download(args: argparse.Namespace) -> None:
         print(f"ok  {path}")
 
 
+def config_options(values: dict) -> dict:
+    """The set entries of `values` that name TrainConfig fields (the preset aside)."""
+    from nin.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
+    return {k: v for k, v in values.items() if k in fields and v is not None}
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a model (see `nin train --help`)."""
     from nin.train import make_config, train
 
-    overrides = {
-        k: getattr(args, k)
-        for k in (
-            "model", "dataset", "epochs", "lr", "batch_size", "resize", "momentum",
-            "weight_decay", "label_smoothing", "schedule", "amp", "device", "seed",
-            "data_dir", "out", "train_subset", "test_subset",
-        )
-    }  # fmt: skip
-    train(make_config(args.preset, **overrides))
+    train(make_config(args.preset, **config_options(vars(args))))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -71,25 +72,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
         accuracy,
         evaluate,
         make_config,
-        make_loaders,
+        make_loader,
         per_class_accuracy,
         pick_device,
     )
 
     model, saved = load_checkpoint(args.checkpoint)
     device, _ = pick_device(args.device)
-    config = make_config(
-        saved["preset"],
-        **{k: saved[k] for k in ("model", "dataset", "resize", "normalize", "channels_last")},
-        data_dir=args.data_dir,
-        test_subset=args.test_subset,
-        batch_size=args.batch_size,
-    )
-    _, test_loader, num_classes, _ = make_loaders(config, device)
+    # The run's own settings, with this command's data directory, subset and batch size on top.
+    config = make_config(saved["preset"], **{**config_options(saved), **config_options(vars(args))})
+    test_loader = make_loader(config, "test", device)
+    num_classes = saved["num_classes"]
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
-    confusion = evaluate(model, test_loader, num_classes, saved.get("amp", False))
+    confusion = evaluate(model, test_loader, num_classes, config.amp)
     classes = dataset_spec(config.dataset).classes
     print(f"{config.model} on {config.dataset} test split ({test_loader.num_examples} images)")
     for name, acc in zip(classes, per_class_accuracy(confusion), strict=True):
@@ -118,21 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("train", help="train a model; prints the chapter's summary line")
-    p.add_argument("--preset", default="compact", help="compact (default, CPU-friendly) or d2l")
-    p.add_argument("--model")
-    p.add_argument("--dataset", choices=["fashion-mnist", "mnist"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
+    p = sub.add_parser(
+        "train",
+        help="train a model; prints the chapter's summary line",
+        description="Train NiN. Every option left unset takes the preset's value.",
+    )
+    p.add_argument(
+        "--preset",
+        default="compact",
+        help="compact (the default, fast on a CPU) or d2l (the chapter)",
+    )
+    p.add_argument("--model", help="a registered model (see `nin models`)")
+    p.add_argument("--dataset", choices=["fashion-mnist", "mnist"], help="default fashion-mnist")
+    p.add_argument("--epochs", type=int, help="passes over the training set")
+    p.add_argument("--lr", type=float, help="learning rate (the peak, with one-cycle)")
+    p.add_argument("--batch-size", type=int, help="examples per step")
     p.add_argument("--resize", type=int, help="resize images to this square size on the device")
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--schedule", choices=["constant", "onecycle"])
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, help="L2 penalty")
+    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")
+    p.add_argument("--schedule", choices=["constant", "onecycle"], help="learning-rate schedule")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seeds the weights, the data order, augmentation")
     p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
     p.add_argument("--out", help="run directory (default: runs/<time>-<preset>)")
     p.add_argument("--train-subset", type=int, help="train on the first N examples only")
@@ -143,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run directory or its model.safetensors")
     p.add_argument("--device")
     p.add_argument("--data-dir")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, help="default: the run's batch size")
     p.add_argument("--test-subset", type=int)
     p.set_defaults(func=cmd_eval)
     return parser

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import math
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nin.errors import NinError
+from nin.files import atomic_path
 
 IDX_DTYPES = {0x08: torch.uint8}
 
@@ -106,50 +107,46 @@ def md5sum(path: Path) -> str:
 
 
 def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
-    """Fetch `url` to `dest` atomically: a temporary file, checked against `md5`, then renamed.
+    """Fetch `url` to `dest` atomically, checked against `md5`; on any failure no file is left."""
+    with atomic_path(dest) as tmp:
+        digest = fetch(url, tmp, timeout)
+        if digest != md5:
+            raise NinError(
+                f"{url}: checksum mismatch (md5 {digest}, expected {md5}); "
+                "the download is corrupt or not the official file"
+            )
+    return dest
 
-    Whatever goes wrong, no partial file is left behind; the error says what happened.
-    """
+
+def fetch(url: str, path: Path, timeout: float) -> str:
+    """Stream `url` into `path` and return its md5; network failures become one-line errors."""
+    digest = hashlib.md5()
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    except OSError as e:
-        raise NinError(f"cannot write to {dest.parent} ({e.strerror}); choose --data-dir") from None
-    tmp = Path(tmp_name)
-    try:
-        digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with open(path, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             expected = int(response.headers.get("Content-Length") or -1)
             received = 0
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
-            if expected >= 0 and received != expected:
-                raise NinError(f"{url}: download truncated ({received} of {expected} bytes)")
-            out.flush()
-            os.fsync(out.fileno())
-        if digest.hexdigest() != md5:
-            raise NinError(
-                f"{url}: checksum mismatch (md5 {digest.hexdigest()}, expected {md5}); "
-                "the download is corrupt or not the official file"
-            )
-        os.replace(tmp, dest)
-        return dest
     except urllib.error.HTTPError as e:
         raise NinError(f"{url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         raise NinError(f"{url}: cannot connect ({e.reason}); are you offline?") from None
-    except (OSError, ValueError) as e:  # includes http.client.IncompleteRead and timeouts
+    except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, bad responses
         raise NinError(f"{url}: download failed ({type(e).__name__}: {e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    if expected >= 0 and received != expected:
+        raise NinError(f"{url}: download truncated ({received} of {expected} bytes)")
+    return digest.hexdigest()
 
 
 def ensure_files(
-    name: str, data_dir: str | os.PathLike | None = None, mirrors: tuple[str, ...] | None = None
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    mirrors: tuple[str, ...] | None = None,
+    splits: tuple[str, ...] = ("train", "test"),
 ) -> dict[str, Path]:
-    """Paths of a data set's four files, downloading those that are missing.
+    """Paths of a data set's files for `splits`, downloading those that are missing.
 
     A file already present with the right md5 is used as is; one with the wrong md5 is an error
     (it is never silently replaced).
@@ -158,9 +155,15 @@ def ensure_files(
     folder = data_root(data_dir) / name
     paths = {}
     for key, (filename, md5) in spec.files.items():
+        if key.split("_")[0] not in splits:
+            continue
         path = folder / filename
         if path.exists():
-            if md5sum(path) != md5:
+            try:
+                actual = md5sum(path)
+            except OSError as e:
+                raise NinError(f"{path}: cannot be read ({e.strerror}); fix or delete it") from None
+            if actual != md5:
                 raise NinError(
                     f"{path}: wrong checksum (corrupt, truncated or not the official file); "
                     "delete it and run again to download a fresh copy"
@@ -218,7 +221,7 @@ def load_split(
     """Images (N, 1, 28, 28) uint8 and labels (N,) int64 of the `train` or `test` split."""
     if split not in ("train", "test"):
         raise NinError(f"unknown split {split!r}; use 'train' or 'test'")
-    paths = ensure_files(name, data_dir)
+    paths = ensure_files(name, data_dir, splits=(split,))
     images = read_idx(paths[f"{split}_images"])
     labels = read_idx(paths[f"{split}_labels"])
     if images.ndim != 3 or labels.ndim != 1:

@@ -28,10 +28,13 @@ def nin_block(
     """A k×k convolution followed by `num_pointwise` 1×1 convolutions, each with ReLU.
 
     `pointwise_channels` sets each 1×1 convolution's width (the paper's CIFAR/ImageNet nets
-    narrow inside a block); by default every one keeps `out_channels`, as in the chapter.
+    narrow inside a block) and, when given, their number; by default there are `num_pointwise`
+    of them, each keeping `out_channels`, as in the chapter.
     `batch_norm` puts BatchNorm between each convolution and its ReLU. `final_relu=False` leaves
     the block's last convolution bare, so a classifier block can emit signed logits.
     """
+    if num_pointwise < 0:
+        raise NinError(f"num_pointwise must be 0 or more, got {num_pointwise}")
     if pointwise_channels is None:
         pointwise_channels = [out_channels] * num_pointwise
     widths = [out_channels, *pointwise_channels]
@@ -98,6 +101,8 @@ def create_model(
 ) -> NiN:
     """Build a registered model by name (timm-style); unset arguments keep the model's defaults."""
     build = model_info(name).build
+    if num_classes is not None and num_classes < 1:
+        raise NinError(f"num_classes must be at least 1, got {num_classes}")
     given = {"num_classes": num_classes, "in_channels": in_channels}
     return build(**{k: v for k, v in given.items() if v is not None}, **kwargs)
 
@@ -164,16 +169,31 @@ def nin_compact(
     )
 
 
-def paper_widths(num_pointwise: int, *paper: int) -> list[int]:
-    """The paper's 1×1 widths; another count keeps the first width and ends on the last."""
-    if num_pointwise == len(paper):
-        return list(paper)
-    return [paper[0]] * (num_pointwise - 1) + [paper[-1]] if num_pointwise else []
+def paper_block(
+    in_channels: int,
+    widths: Sequence[int],
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    num_pointwise: int,
+    batch_norm: bool,
+) -> nn.Sequential:
+    """A block with the paper's widths (k×k convolution, then the 1×1s), or an ablation of it.
 
-
-def out_channels(block: nn.Sequential) -> int:
-    """Channels a block emits: those of its last convolution."""
-    return [m for m in block if isinstance(m, nn.Conv2d)][-1].out_channels
+    Another number of 1×1 convolutions keeps the first width and ends on the last; with none,
+    the k×k convolution goes straight to the last width. The output is always `widths[-1]`.
+    """
+    first, last = widths[0], widths[-1]
+    if num_pointwise == len(widths) - 1:
+        conv, pointwise = first, list(widths[1:])
+    elif num_pointwise == 0:
+        conv, pointwise = last, []
+    else:
+        conv, pointwise = first, [first] * (num_pointwise - 1) + [last]
+    return nin_block(
+        in_channels, conv, kernel_size, stride, padding,
+        batch_norm=batch_norm, pointwise_channels=pointwise,
+    )  # fmt: skip
 
 
 @register_model((3, 32, 32), "the paper's CIFAR-10 NiN (Caffe model): 192-channel blocks")
@@ -189,29 +209,19 @@ def nin_cifar(
     Pooling uses Caffe's ceil mode (32 → 16 → 8), as the authors' model does.
     """
     n, bn = num_pointwise, batch_norm
-    b1 = nin_block(
-        in_channels, 192, 5, 1, 2, batch_norm=bn, pointwise_channels=paper_widths(n, 160, 96)
-    )
-    b2 = nin_block(
-        out_channels(b1), 192, 5, 1, 2, batch_norm=bn, pointwise_channels=paper_widths(n, 192, 192)
-    )
-    width = 192 if n else num_classes
-    b3 = nin_block(
-        192, width, 3, 1, 1, batch_norm=bn, pointwise_channels=paper_widths(n, 192, num_classes)
-    )
     return NiN(
-        b1,
+        paper_block(in_channels, (192, 160, 96), 5, 1, 2, n, bn),
         nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 16×16
         nn.Dropout(dropout),
-        b2,
+        paper_block(96, (192, 192, 192), 5, 1, 2, n, bn),
         nn.AvgPool2d(3, stride=2, ceil_mode=True),  # 8×8
         nn.Dropout(dropout),
-        b3,
+        paper_block(192, (192, 192, num_classes), 3, 1, 1, n, bn),
         *global_average_pool(),
     )
 
 
-@register_model((3, 224, 224), "the paper's four-block ImageNet NiN (model zoo): 7,595,176 params")
+@register_model((3, 224, 224), "the paper's four-block ImageNet NiN (the authors' model zoo)")
 def nin_imagenet(
     num_classes: int = 1000,
     in_channels: int = 3,
@@ -220,29 +230,16 @@ def nin_imagenet(
     dropout: float = 0.5,
 ) -> NiN:
     """The authors' ImageNet model: 96/256/384/1024 channels, 11/5/3/3 windows, ceil-mode pools."""
-
-    def block(c_in: int, c_out: int, k: int, s: int, p: int) -> nn.Sequential:
-        pointwise = paper_widths(num_pointwise, c_out, c_out)
-        return nin_block(c_in, c_out, k, s, p, batch_norm=batch_norm, pointwise_channels=pointwise)
-
-    width = 1024 if num_pointwise else num_classes
+    n, bn = num_pointwise, batch_norm
     return NiN(
-        block(in_channels, 96, 11, 4, 0),  # 54×54
+        paper_block(in_channels, (96, 96, 96), 11, 4, 0, n, bn),  # 54×54
         nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 27×27
-        block(96, 256, 5, 1, 2),
+        paper_block(96, (256, 256, 256), 5, 1, 2, n, bn),
         nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 13×13
-        block(256, 384, 3, 1, 1),
+        paper_block(256, (384, 384, 384), 3, 1, 1, n, bn),
         nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 6×6
         nn.Dropout(dropout),
-        nin_block(
-            384,
-            width,
-            3,
-            1,
-            1,
-            batch_norm=batch_norm,
-            pointwise_channels=paper_widths(num_pointwise, 1024, num_classes),
-        ),
+        paper_block(384, (1024, 1024, num_classes), 3, 1, 1, n, bn),
         *global_average_pool(),
     )
 

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nin.checkpoint import atomic_path, save_checkpoint
+from nin.checkpoint import save_checkpoint
 from nin.data import DeviceLoader, dataset_spec, load_split
 from nin.errors import NinError
+from nin.files import atomic_path
 from nin.models import count_parameters, create_model, model_info, xavier_init_
 
 
@@ -103,6 +104,13 @@ def make_config(preset: str = "compact", **overrides: Any) -> TrainConfig:
             raise NinError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not config.lr > 0 or not math.isfinite(config.lr):
         raise NinError(f"--lr must be a positive number, got {config.lr}")
+    for name in ("momentum", "weight_decay"):
+        if not getattr(config, name) >= 0:
+            raise NinError(
+                f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}"
+            )
+    if not 0 <= config.label_smoothing < 1:
+        raise NinError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.schedule not in ("constant", "onecycle"):
         raise NinError(f"unknown schedule {config.schedule!r}; use 'constant' or 'onecycle'")
     return config
@@ -132,34 +140,26 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def make_loaders(
-    config: TrainConfig, device: torch.device
-) -> tuple[DeviceLoader, DeviceLoader, int, int]:
-    """Train and test loaders on `device`, plus the number of classes and input channels."""
+def make_loader(config: TrainConfig, split: str, device: torch.device) -> DeviceLoader:
+    """The loader of one split on `device`: shuffled and augmented for train, plain for test."""
     spec = dataset_spec(config.dataset)
-    train_x, train_y = load_split(config.dataset, "train", config.data_dir)
-    test_x, test_y = load_split(config.dataset, "test", config.data_dir)
-    train_x, train_y = train_x[: config.train_subset], train_y[: config.train_subset]
-    test_x, test_y = test_x[: config.test_subset], test_y[: config.test_subset]
-    common = dict(
+    images, labels = load_split(config.dataset, split, config.data_dir)
+    limit = config.train_subset if split == "train" else config.test_subset
+    training = split == "train"
+    return DeviceLoader(
+        images[:limit],
+        labels[:limit],
+        config.batch_size,
         device=device,
+        shuffle=training,
         resize=config.resize,
         mean=spec.mean if config.normalize else None,
         std=spec.std if config.normalize else None,
+        flip=config.flip and training,
+        crop_padding=config.crop_padding if training else 0,
+        seed=config.seed,
         channels_last=config.channels_last,
     )
-    train_loader = DeviceLoader(
-        train_x,
-        train_y,
-        config.batch_size,
-        shuffle=True,
-        flip=config.flip,
-        crop_padding=config.crop_padding,
-        seed=config.seed,
-        **common,
-    )
-    test_loader = DeviceLoader(test_x, test_y, max(config.batch_size, 512), **common)
-    return train_loader, test_loader, len(spec.classes), train_x.shape[1]
 
 
 def check_input_size(model: nn.Module, loader: DeviceLoader, model_name: str) -> None:
@@ -208,7 +208,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
             "(~9 hours for 10 epochs); it is meant for a GPU"
         )
     torch.manual_seed(config.seed)
-    train_loader, test_loader, num_classes, in_channels = make_loaders(config, device)
+    train_loader = make_loader(config, "train", device)
+    test_loader = make_loader(config, "test", device)
+    num_classes = len(dataset_spec(config.dataset).classes)
+    in_channels = train_loader.images.shape[1]
     model = create_model(
         config.model, num_classes=num_classes, in_channels=in_channels, **config.model_kwargs
     )
@@ -219,7 +222,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         model.to(memory_format=torch.channels_last)
     check_input_size(model, train_loader, config.model)
 
-    run_dir = Path(config.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{config.preset}")
+    run_dir = Path(config.out) if config.out else new_run_dir(config.preset)
     metrics_path = run_dir / "metrics.jsonl"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,12 +234,15 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         model.parameters(),
         lr=config.lr,
         momentum=config.momentum,
-        nesterov=config.nesterov,
+        nesterov=config.nesterov and config.momentum > 0,
         weight_decay=config.weight_decay,
     )
     steps = config.epochs * len(train_loader)
     scheduler = (
-        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
+        # cycle_momentum=False: the momentum that runs is the one in the config.
+        torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config.lr, total_steps=steps, cycle_momentum=False
+        )
         if config.schedule == "onecycle"
         else None
     )
@@ -315,7 +321,14 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, "
         f"test acc {final['test_acc']:.3f}, {speed:.1f} examples/sec on {device}"
     )
-    return {**saved["result"], "run_dir": str(run_dir), "history": history}
+    return {**saved["result"], "device": str(device), "run_dir": str(run_dir), "history": history}
+
+
+def new_run_dir(preset: str) -> Path:
+    """A fresh runs/<time>-<preset> directory name, never one an earlier run holds."""
+    base = f"runs/{datetime.now():%Y%m%d-%H%M%S}-{preset}"
+    candidates = (Path(base if i == 1 else f"{base}-{i}") for i in range(1, 1000))
+    return next(p for p in candidates if not p.exists())
 
 
 def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
@@ -340,13 +353,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """The chapter's Animator as a file: loss, train acc and test acc per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
     epochs = [row["epoch"] for row in history]
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    ax = fig.subplots()
     for key, style in (("loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):
         ax.plot(
             epochs, [row[key] for row in history], style, marker="o", label=key.replace("_", " ")
@@ -359,4 +370,3 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
