@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 
+from nin import __version__
 from nin.errors import NinError
 
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nin", description="Network in Network: build, inspect, train and evaluate NiN."
     )
+    parser.add_argument("--version", action="version", version=f"nin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the registered models")
