@@ -34,6 +34,18 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def on(flag: bool) -> str:
+    """'on' or 'off'."""
+    return "on" if flag else "off"
+
+
+def augmentation(config) -> str:
+    """The run's augmentation, in words."""
+    parts = ["random flips"] * config.flip
+    parts += [f"{config.crop_padding}-pixel translations"] * bool(config.crop_padding)
+    return " and ".join(parts) or "no augmentation"
+
+
 def naive_epoch_speed(data_dir: str | None, batch_size: int, steps: int) -> float:
     """Images/s of a textbook loop over the same model: fp32, NCHW, `.item()` every step."""
     spec = dataset_spec("fashion-mnist")
@@ -95,11 +107,10 @@ one run of it on {date.today():%Y-%m-%d}.
 - Settings: preset `compact` — `nin_compact` (324,874 parameters) on Fashion-MNIST at 28×28,
   {config.epochs} epochs, batch {config.batch_size}, SGD nesterov momentum {config.momentum},
   one-cycle lr {config.lr}, weight decay {config.weight_decay}, label smoothing
-  {config.label_smoothing}, flips {config.flip}, {config.crop_padding}-pixel translations,
-  bfloat16 autocast {config.amp}, channels-last {config.channels_last}; all 60,000 training and
-  10,000 test images.
+  {config.label_smoothing}, {augmentation(config)}, bfloat16 autocast {on(config.amp)},
+  channels-last {on(config.channels_last)}; all 60,000 training and 10,000 test images.
 - examples/sec is wall-clock time of the training passes *including* data preparation
-  (gather, convert, augment on the device); evaluation is timed separately.
+  (gather, convert, normalise, augment on the device); evaluation is timed separately.
 
 | epoch | seconds | examples/sec | loss | train acc | test acc |
 |---|---|---|---|---|---|
@@ -112,15 +123,17 @@ one run of it on {date.today():%Y-%m-%d}.
 ## CPU: fast path vs a naive loop, same run
 
 The same network and data through a textbook loop (fp32, NCHW, `loss.item()` every step, no
-augmentation), timed over {args.naive_steps} steps after 2 warm-up steps, just after the run above:
+augmentation, plain momentum SGD), timed over {args.naive_steps} steps after 2 warm-up steps,
+just after the run above:
 
 | loop | examples/sec | ratio |
 |---|---|---|
 | naive fp32 NCHW | {naive:.0f} | 1.00 |
 | `nin train` (bf16, channels-last, metrics on the device) | {speed:.0f} | {speed / naive:.2f} |
 
-The `nin train` figure includes augmentation and is averaged over all epochs, the first
-included; the naive one has neither, so the ratio is, if anything, an under-estimate.
+The `nin train` figure is averaged over all epochs, the first included, and counts its own data
+preparation; the naive one is timed after warm-up on steps only, so the ratio is, if anything,
+an under-estimate.
 
 ## GPU
 
