@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from nin.errors import NinError
 from nin.files import atomic_path
@@ -125,10 +126,15 @@ def fetch(url: str, path: Path, timeout: float) -> str:
         with open(path, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             expected = int(response.headers.get("Content-Length") or -1)
             received = 0
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
+            name = url.rsplit("/", 1)[-1]
+            total = expected if expected >= 0 else None
+            # disable=None: a progress bar on a terminal only.
+            with tqdm(total=total, desc=name, unit="B", unit_scale=True, disable=None) as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
     except urllib.error.HTTPError as e:
         raise NinError(f"{url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
