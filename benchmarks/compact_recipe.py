@@ -49,7 +49,7 @@ def main() -> None:
 Written by `python benchmarks/compact_recipe.py` on {date.today():%Y-%m-%d}, torch
 {torch.__version__}, {torch.get_num_threads()} CPU threads, no GPU. Every row is a full run of
 `nin_compact` on all 60,000 Fashion-MNIST training images for {base.epochs} epochs, scored on the
-real 10,000-image test split, with one setting of the compact preset changed. The preset:
+real 10,000-image test split, with one choice of the compact preset changed. The preset:
 batch {base.batch_size}, SGD with nesterov momentum {base.momentum}, one-cycle lr {base.lr},
 weight decay {base.weight_decay}, label smoothing {base.label_smoothing}, no augmentation,
 dropout 0.5 before the last block, batch norm, bfloat16 autocast, channels-last.
@@ -60,7 +60,8 @@ dropout 0.5 before the last block, batch norm, bfloat16 autocast, channels-last.
 
 One seed per row except the first two, whose difference shows the seed-to-seed noise: read
 gaps smaller than it as no difference. Examples/sec varies with whatever else the machine ran;
-docs/benchmarks.md has the speed measured on a quiet machine.
+docs/benchmarks.md has the speed measured on a quiet machine. How the shipped recipe was
+chosen: docs/recipe-history.md.
 """
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -1,7 +1,7 @@
 """Benchmark the default CPU preset end to end and write docs/benchmarks.md.
 
 Runs `nin train` (preset compact, full Fashion-MNIST) and, in the same run, the same model and
-data through a naive loop (fp32, NCHW, no bf16, metrics read every step) for one epoch, so the
+data through a naive loop (fp32, NCHW, no bf16, metrics read every step) for 60 steps, so the
 speed-up is a ratio measured on one machine at one time. Not a test: it takes minutes.
 
     python benchmarks/cpu_default.py [--data-dir DIR] [--epochs N] [--out docs/benchmarks.md]
@@ -97,8 +97,8 @@ def main() -> None:
     speed = result["examples_per_sec"]
     text = f"""# Benchmarks
 
-Written by `python benchmarks/cpu_default.py` (`make benchmark`); every figure below comes from
-one run of it on {date.today():%Y-%m-%d}.
+Written by `python benchmarks/cpu_default.py` (`make benchmark`); every measured
+figure in the CPU sections comes from one run of it on {date.today():%Y-%m-%d}.
 
 ## CPU: the default preset (`nin train`), end to end
 
@@ -117,8 +117,9 @@ one run of it on {date.today():%Y-%m-%d}.
 {rows}
 
 **Result: test accuracy {result["test_acc"]:.4f} on the real test split, {speed:.0f} examples/sec,
-{result["train_seconds"]:.0f} s of training, {wall:.0f} s wall time for the whole command
-(loading, training, evaluation after every epoch, saving).**
+{result["train_seconds"]:.0f} s of training, {wall:.0f} s wall time for `train()` as a
+whole (loading the data, training, evaluation after every epoch, saving; interpreter start-up
+not included).**
 
 ## CPU: fast path vs a naive loop, same run
 

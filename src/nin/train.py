@@ -75,7 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay=5e-4,
         schedule="onecycle",
         label_smoothing=0.1,
-        # Flips and translations cost 0.8 points of test accuracy at this budget (docs/recipe.md).
+        # Flips and translations cost 0.7 points of test accuracy at this budget (docs/recipe.md).
         flip=False,
         crop_padding=0,
         normalize=True,
