@@ -5,7 +5,7 @@ import torch
 
 from nin.checkpoint import load_checkpoint
 from nin.errors import NinError
-from nin.train import TrainConfig, accuracy, evaluate, make_config, make_loader, train
+from nin.train import TrainConfig, accuracy, evaluate, make_config, make_loader, place_model, train
 
 QUICK = dict(train_subset=5000, test_subset=1000, epochs=2, batch_size=128)
 
@@ -57,8 +57,9 @@ def test_checkpoint_reloads_the_trained_model(quick_run):
     config, result, out = quick_run
     model, saved = load_checkpoint(out)
     assert saved["preset"] == "compact" and saved["result"]["test_acc"] == result["test_acc"]
-    model.to(memory_format=torch.channels_last)
-    confusion = evaluate(model, make_loader(config, "test", torch.device("cpu")), 10, config.amp)
+    device = torch.device("cpu")
+    place_model(model, device, config.channels_last)
+    confusion = evaluate(model, make_loader(config, "test", device), 10, config.amp)
     assert accuracy(confusion) == result["test_acc"]
     again, _ = load_checkpoint(out / "model.safetensors")  # the weights file names the run too
     pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)

@@ -65,8 +65,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Reload a checkpoint and print its test accuracy, overall and per class."""
-    import torch
-
     from nin.checkpoint import load_checkpoint
     from nin.data import dataset_spec
     from nin.train import (
@@ -76,6 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         make_loader,
         per_class_accuracy,
         pick_device,
+        place_model,
     )
 
     model, saved = load_checkpoint(args.checkpoint)
@@ -84,9 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     config = make_config(saved["preset"], **{**config_options(saved), **config_options(vars(args))})
     test_loader = make_loader(config, "test", device)
     num_classes = saved["num_classes"]
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+    place_model(model, device, config.channels_last)
     confusion = evaluate(model, test_loader, num_classes, config.amp)
     classes = dataset_spec(config.dataset).classes
     print(f"{config.model} on {config.dataset} test split ({test_loader.num_examples} images)")

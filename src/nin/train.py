@@ -145,8 +145,8 @@ def make_loader(config: TrainConfig, split: str, device: torch.device) -> Device
     """The loader of one split on `device`: shuffled and augmented for train, plain for test."""
     spec = dataset_spec(config.dataset)
     images, labels = load_split(config.dataset, split, config.data_dir)
-    limit = config.train_subset if split == "train" else config.test_subset
     training = split == "train"
+    limit = config.train_subset if training else config.test_subset
     return DeviceLoader(
         images[:limit],
         labels[:limit],
@@ -161,6 +161,14 @@ def make_loader(config: TrainConfig, split: str, device: torch.device) -> Device
         seed=config.seed,
         channels_last=config.channels_last,
     )
+
+
+def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """Move `model` to `device`, in channels-last memory format when the config asks for it."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def check_input_size(model: nn.Module, loader: DeviceLoader, model_name: str) -> None:
@@ -218,9 +226,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     )
     if config.init == "xavier":
         xavier_init_(model)
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+    place_model(model, device, config.channels_last)
     check_input_size(model, train_loader, config.model)
 
     run_dir = Path(config.out) if config.out else new_run_dir(config.preset)
