@@ -21,10 +21,10 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<14} {size:<11} {params:>11,} params  {info.description}")
 
 
-def cmd_summary(args: argparse.Namespace) -> None:
-    """Print the per-layer table of a model."""
+def model_for_input(args: argparse.Namespace) -> tuple:
+    """The model `args.model` built for `args.input_size` (default: the model's own), checked."""
     from nin.models import create_model, model_info
-    from nin.resources import format_summary, summarize
+    from nin.resources import summarize
 
     info = model_info(args.model)
     size = tuple(args.input_size) if args.input_size else info.input_size
@@ -36,8 +36,32 @@ def cmd_summary(args: argparse.Namespace) -> None:
     except RuntimeError as e:
         reason = str(e).splitlines()[0]
         raise NinError(f"model {args.model!r} cannot take input {size} ({reason})") from None
+    return model, size, rows
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    """Print the per-layer table of a model."""
+    from nin.resources import format_summary
+
+    _, size, rows = model_for_input(args)
     title = f"{args.model}, input 1×{'×'.join(map(str, size))}"
     print(format_summary(rows, title))
+
+
+def cmd_resources(args: argparse.Namespace) -> None:
+    """Print parameters, FLOPs and memory (analytic and measured) at each batch size."""
+    from nin.resources import format_resources, measure_resources
+    from nin.train import pick_device
+
+    model, size, _ = model_for_input(args)
+    if any(b < 1 for b in args.batch_size):
+        raise NinError(f"--batch-size must be positive, got {args.batch_size}")
+    device, _ = pick_device(args.device)
+    model.to(device)
+    for i, batch_size in enumerate(args.batch_size):
+        print(("\n" if i else "") + format_resources(
+            measure_resources(model, args.model, size, batch_size, args.optimizer)
+        ))  # fmt: skip
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -108,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument("--num-classes", type=int, default=None)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser(
+        "resources",
+        help="parameters, FLOPs, training and inference memory (analytic and measured)",
+    )
+    p.add_argument("model", help="a registered model name (see `nin models`)")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument(
+        "--batch-size", type=int, nargs="+", default=[1, 128], help="one or more (default 1 128)"
+    )
+    p.add_argument(
+        "--optimizer",
+        default="sgd",
+        choices=["sgd", "momentum", "adam"],
+        help="whose state to count: sgd (the chapter's, none), momentum (1×), adam (2×)",
+    )
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.set_defaults(func=cmd_resources)
 
     p = sub.add_parser("download", help="download and verify a data set")
     p.add_argument("dataset", choices=["fashion-mnist", "mnist"])

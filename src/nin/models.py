@@ -61,6 +61,52 @@ def global_average_pool() -> list[nn.Module]:
     return [nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten()]
 
 
+HEADS = ("direct", "gradual", "late", "dense")
+
+
+def classifier_head(
+    head: str,
+    in_channels: int,
+    num_classes: int,
+    spatial: int,
+    num_pointwise: int = 2,
+    batch_norm: bool = False,
+    final_relu: bool = True,
+    dense_hidden: int = 1024,
+) -> list[nn.Module]:
+    """The layers after the last pooling: the chapter's last NiN block and GAP, or a variant.
+
+    - "direct" (the chapter): a 3×3 convolution straight from `in_channels` to `num_classes`,
+      then `num_pointwise` 1×1 convolutions at `num_classes`, then global average pooling.
+    - "gradual": halve the width at each convolution (C → C/2 → C/4 → classes), then GAP.
+    - "late" (the paper's CIFAR net): keep the width, reach the classes at the last 1×1.
+    - "dense": flatten the C×`spatial`×`spatial` maps into two fully connected layers
+      (`dense_hidden` units, ReLU, dropout 0.5), as AlexNet and VGG end.
+    """
+    c = in_channels
+    if head == "dense":
+        return [
+            nn.Flatten(),
+            nn.Linear(c * spatial * spatial, dense_hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(dense_hidden, num_classes),
+        ]
+    widths = {
+        "direct": (num_classes, [num_classes] * num_pointwise),
+        "gradual": (c // 2, [c // 4, num_classes]),
+        "late": (c, [c, num_classes]),
+    }
+    if head not in widths:
+        raise NinError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
+    conv, pointwise = widths[head]
+    block = nin_block(
+        c, conv, 3, 1, 1,
+        batch_norm=batch_norm, pointwise_channels=pointwise, final_relu=final_relu,
+    )  # fmt: skip
+    return [block, *global_average_pool()]
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """A registry entry: how to build a model and the input size it is meant for."""
@@ -114,8 +160,13 @@ def nin_d2l(
     num_pointwise: int = 2,
     batch_norm: bool = False,
     dropout: float = 0.5,
+    head: str = "direct",
+    final_relu: bool = True,
 ) -> NiN:
-    """The chapter's network, layer for layer (1,992,166 parameters for 1 channel, 10 classes)."""
+    """The chapter's network, layer for layer (1,992,166 parameters for 1 channel, 10 classes).
+
+    `head` swaps the last block for a variant (see `classifier_head`); the exercises use it.
+    """
 
     def block(c_in: int, c_out: int, k: int, s: int, p: int) -> nn.Sequential:
         return nin_block(c_in, c_out, k, s, p, num_pointwise=num_pointwise, batch_norm=batch_norm)
@@ -129,8 +180,9 @@ def nin_d2l(
         nn.MaxPool2d(3, stride=2),
         nn.Dropout(dropout),
         # There are `num_classes` label classes: one output channel per class.
-        block(384, num_classes, 3, 1, 1),
-        *global_average_pool(),
+        *classifier_head(
+            head, 384, num_classes, 5, num_pointwise, batch_norm, final_relu, dense_hidden=4096
+        ),
     )
 
 
@@ -144,6 +196,7 @@ def nin_compact(
     batch_norm: bool = True,
     dropout: float = 0.5,
     final_relu: bool = False,
+    head: str = "direct",
 ) -> NiN:
     """The chapter's structure at 28×28: narrower, a 5×5 first window, no resize needed.
 
@@ -151,10 +204,8 @@ def nin_compact(
     pooling), which removes the chapter's collapse to loss ln 10.
     """
 
-    def block(c_in: int, c_out: int, k: int, p: int, last_relu: bool = True) -> nn.Sequential:
-        return nin_block(
-            c_in, c_out, k, 1, p, num_pointwise, batch_norm=batch_norm, final_relu=last_relu
-        )
+    def block(c_in: int, c_out: int, k: int, p: int) -> nn.Sequential:
+        return nin_block(c_in, c_out, k, 1, p, num_pointwise, batch_norm=batch_norm)
 
     return NiN(
         block(in_channels, 48, 5, 2),  # 28×28
@@ -164,8 +215,7 @@ def nin_compact(
         block(96, 192, 3, 1),
         nn.MaxPool2d(3, stride=2),  # 2×2
         nn.Dropout(dropout),
-        block(192, num_classes, 3, 1, last_relu=final_relu),
-        *global_average_pool(),
+        *classifier_head(head, 192, num_classes, 2, num_pointwise, batch_norm, final_relu),
     )
 
 

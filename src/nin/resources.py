@@ -6,11 +6,16 @@ as two FLOPs); a layer's count is the counter's total after it ran minus the tot
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from nin.errors import NinError
 
 
 @dataclass
@@ -108,4 +113,313 @@ def format_summary(rows: list[LayerRow], title: str = "") -> str:
         f"{format_count(params)} parameters, {format_count(flops)}FLOP per forward pass "
         f"({format_count(flops / 2)} multiply-adds)"
     )
+    return "\n".join(lines)
+
+
+# Optimizers and the number of parameter-sized state tensors each keeps.
+OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
+
+
+def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+    """The optimizer `name` (sgd: the chapter's plain SGD; momentum; adam) over `params`."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.1)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3)
+    raise NinError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZER_SLOTS)}")
+
+
+@dataclass
+class Memory:
+    """Bytes a model needs at one batch size, by what holds them (analytic or measured)."""
+
+    weights: int
+    gradients: int
+    optimizer_state: int
+    saved_activations: int  # tensors autograd keeps from the forward pass for the backward
+    training_peak: int  # the most bytes alive at once during a training step
+    inference_peak: int  # the most bytes alive at once during an inference forward pass
+
+
+@dataclass
+class Resources:
+    """Everything `nin resources` reports for one model, input size and batch size."""
+
+    model: str
+    input_size: tuple[int, int, int]
+    batch_size: int
+    optimizer: str
+    parameters: int
+    forward_flops: int  # per image
+    training_flops: int  # per image: forward + backward
+    analytic: Memory
+    measured: Memory | None  # None where the device gives no way to measure
+    layers: list[tuple[str, str, int]]  # (layer, kind, saved activation bytes) analytic
+    device: str
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    """Bytes per element of `dtype`."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def saved_by_layer(
+    model: nn.Module, rows: list[LayerRow], input_bytes: int, element: int, mask_element: int
+) -> tuple[list[tuple[str, str, int]], int]:
+    """Analytic bytes each layer makes autograd keep in training, and the inference peak.
+
+    The network is a chain, so layer i's input is layer i-1's output. Each activation is
+    counted once however many layers keep it: an in-place ReLU keeps the very tensor its
+    convolution wrote, and the next convolution keeps that same tensor as its input.
+    Dropout keeps its mask at `mask_element` bytes an element: the CPU multiplies by a float
+    mask, GPUs keep a bool one. Returns (layer, kind, new bytes kept) per layer and the largest
+    live activations of an inference pass: the input (held by the caller throughout), one
+    layer's input and output, and, for max pooling, the argmax indices PyTorch computes even
+    without autograd.
+    """
+    modules = dict(model.named_modules())
+    current, current_kept = input_bytes, False  # the activation flowing into the next layer
+    is_input = True
+    layers, live_peak = [], input_bytes
+    for row in leaf_rows(rows):
+        module = modules[row.name]
+        numel = math.prod(row.output_shape)
+        out = numel * element
+        kept = 0
+        keeps_input = isinstance(
+            module, nn.Conv2d | nn.Linear | nn.BatchNorm2d | nn.MaxPool2d | nn.AvgPool2d
+        )
+        if keeps_input and not current_kept:
+            kept += current
+            current_kept = True
+        if isinstance(module, nn.BatchNorm2d):
+            kept += 2 * module.num_features * 4  # the batch mean and inverse std, in float32
+        if isinstance(module, nn.MaxPool2d):
+            kept += numel * 8  # the argmax of each window, as int64
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            kept += numel * mask_element
+        in_place = isinstance(module, nn.ReLU) and module.inplace
+        new = not (isinstance(module, nn.Flatten) or in_place)  # a view or in place: same tensor
+        if new:
+            indices = numel * 8 if isinstance(module, nn.MaxPool2d) else 0
+            live = input_bytes + (0 if is_input else current) + out + indices
+            live_peak = max(live_peak, live)
+            current, current_kept, is_input = out, False, False
+        if isinstance(module, nn.ReLU) and not current_kept:
+            kept += current  # ReLU's backward needs its output
+            current_kept = True
+        layers.append((row.name, row.kind, kept))
+    return layers, live_peak
+
+
+def training_flops(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1) -> int:
+    """FLOPs of one training step's forward and backward pass, counted by `FlopCounterMode`."""
+    param = next(model.parameters())
+    x = torch.zeros(batch_size, *input_size, dtype=param.dtype, device=param.device)
+    counter = FlopCounterMode(display=False)
+    was_training = model.train().training
+    with counter:
+        model(x).sum().backward()
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def analytic_memory(
+    model: nn.Module, input_size: tuple[int, ...], batch_size: int, optimizer: str
+) -> tuple[Memory, list[tuple[str, str, int]]]:
+    """Memory from shapes alone: parameter counts and each layer's output shape, no measuring.
+
+    Weights include buffers (batch norm's running statistics). Training holds weights,
+    gradients, optimizer state and the saved activations (the input batch and labels among
+    them); inference holds the weights and the largest live activations.
+    """
+    param = next(model.parameters())
+    element = element_bytes(param.dtype)
+    rows = summarize(model, input_size, batch_size)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    input_bytes = batch_size * math.prod(input_size) * element
+    mask_element = 1 if param.device.type == "cuda" else element
+    layers, live_peak = saved_by_layer(model, rows, input_bytes, element, mask_element)
+    num_classes = math.prod(rows[-1].output_shape[1:])
+    # The loss keeps its log-probabilities, the int64 labels and a float32 total weight.
+    loss_bytes = batch_size * num_classes * element + batch_size * 8 + 4
+    layers.append(("loss", "CrossEntropyLoss", loss_bytes))
+    saved = sum(kept for _, _, kept in layers)
+    memory = Memory(
+        weights=weight_bytes + buffer_bytes,
+        gradients=weight_bytes,
+        optimizer_state=OPTIMIZER_SLOTS[optimizer] * weight_bytes,
+        saved_activations=saved,
+        training_peak=weight_bytes * (2 + OPTIMIZER_SLOTS[optimizer]) + buffer_bytes + saved,
+        inference_peak=weight_bytes + buffer_bytes + live_peak,
+    )
+    return memory, layers
+
+
+def measure_memory(
+    model: nn.Module, input_size: tuple[int, ...], batch_size: int, optimizer: str
+) -> Memory | None:
+    """Memory measured on a real training step and a real inference pass on the model's device.
+
+    Saved activations: every tensor autograd packs for the backward pass (a saved-tensors hook),
+    each storage counted once, weights left out. Peaks: `torch.cuda.max_memory_allocated` on a
+    GPU; on the CPU, the PyTorch profiler's allocation and free events in time order, added to
+    the bytes already alive when the step starts. None where neither is available.
+    """
+    param = next(model.parameters())
+    device = param.device
+    x = torch.rand(batch_size, *input_size, dtype=param.dtype, device=device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    opt = make_optimizer(optimizer, model.parameters())
+    state = [*model.parameters(), *model.buffers()]  # weights and running statistics
+    weight_storages = {t.untyped_storage().data_ptr() for t in state}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weight_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def step() -> None:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    model.train()
+    step()  # warm-up: creates the optimizer state, as in any step after the first
+    opt.zero_grad(set_to_none=True)
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x), y)
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
+    weight_bytes = sum(t.numel() * t.element_size() for t in state)
+    alive = weight_bytes + state_bytes + x.numel() * x.element_size() + y.numel() * 8
+    training_peak = peak_bytes(step, device, alive)
+    opt.zero_grad(set_to_none=True)
+    opt.state.clear()
+    model.eval()
+    alive = weight_bytes + x.numel() * x.element_size()
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    inference_peak = peak_bytes(forward, device, alive)
+    if training_peak is None or inference_peak is None:
+        return None
+    return Memory(
+        weights=weight_bytes,
+        gradients=grad_bytes,
+        optimizer_state=state_bytes,
+        saved_activations=sum(saved.values()),
+        training_peak=training_peak,
+        inference_peak=inference_peak,
+    )
+
+
+def peak_bytes(fn: Callable[[], None], device: torch.device, alive: int) -> int | None:
+    """The most bytes alive at once while `fn` runs; `alive` is what exists before it starts."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:  # the raw allocation events; the profiler's tables only keep per-op sums
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:
+        return None
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return alive + peak
+
+
+def measure_resources(
+    model: nn.Module,
+    name: str,
+    input_size: tuple[int, int, int],
+    batch_size: int,
+    optimizer: str = "sgd",
+) -> Resources:
+    """Parameters, FLOPs and memory (analytic beside measured) of `model` at one batch size."""
+    if optimizer not in OPTIMIZER_SLOTS:
+        raise NinError(
+            f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZER_SLOTS)}"
+        )
+    rows = summarize(model, input_size)
+    forward = sum(r.flops for r in leaf_rows(rows))
+    analytic, layers = analytic_memory(model, input_size, batch_size, optimizer)
+    return Resources(
+        model=name,
+        input_size=tuple(input_size),
+        batch_size=batch_size,
+        optimizer=optimizer,
+        parameters=sum(r.parameters for r in leaf_rows(rows)),
+        forward_flops=forward,
+        training_flops=training_flops(model, input_size),
+        analytic=analytic,
+        measured=measure_memory(model, input_size, batch_size, optimizer),
+        layers=layers,
+        device=str(next(model.parameters()).device),
+    )
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': binary units for memory."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+MEMORY_LABELS = {
+    "weights": "weights (and buffers)",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "saved_activations": "saved activations",
+    "training_peak": "training step, peak",
+    "inference_peak": "inference pass, peak",
+}
+
+
+def format_resources(r: Resources) -> str:
+    """The `nin resources` report: counts, then memory with analytic and measured side by side."""
+    size = "×".join(map(str, r.input_size))
+    lines = [
+        f"{r.model}, input {r.batch_size}×{size}, float32, optimizer {r.optimizer}, on {r.device}",
+        f"parameters            {r.parameters:>16,}",
+        f"forward FLOPs/image   {r.forward_flops:>16,}  ({format_count(r.forward_flops / 2)} "
+        "multiply-adds)",
+        f"training FLOPs/image  {r.training_flops:>16,}  "
+        f"({r.training_flops / max(r.forward_flops, 1):.2f}× forward: backward = grads of "
+        "inputs and of weights)",
+        "",
+        f"{'memory':<24} {'analytic':>12} {'measured':>12} {'difference':>12}",
+    ]
+    for key, label in MEMORY_LABELS.items():
+        a = getattr(r.analytic, key)
+        if r.measured is None:
+            m_text, d_text = "not measured", ""
+        else:
+            m = getattr(r.measured, key)
+            m_text, d_text = format_bytes(m), f"{(m - a) / max(a, 1):+.1%}"
+        lines.append(f"{label:<24} {format_bytes(a):>12} {m_text:>12} {d_text:>12}")
     return "\n".join(lines)

@@ -57,6 +57,7 @@ class TrainConfig:
     data_dir: str | None = None
     out: str | None = None  # None: runs/<time>-<preset>
     train_subset: int | None = None  # use the first N training examples
+    holdout: int = 0  # the last N training examples become a validation split; test is not read
     test_subset: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -99,6 +100,8 @@ def make_config(preset: str = "compact", **overrides: Any) -> TrainConfig:
     config = TrainConfig(preset=preset, **values)
     model_info(config.model)
     dataset_spec(config.dataset)
+    if config.holdout < 0:
+        raise NinError(f"--holdout must be 0 or more, got {config.holdout}")
     for name in ("epochs", "batch_size", "resize", "train_subset", "test_subset"):
         value = getattr(config, name)
         if value is not None and value < 1:
@@ -142,14 +145,28 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 def make_loader(config: TrainConfig, split: str, device: torch.device) -> DeviceLoader:
-    """The loader of one split on `device`: shuffled and augmented for train, plain for test."""
+    """The loader of one split on `device`: shuffled and augmented for train, plain otherwise.
+
+    `split` is "train", "test", or "val": the last `config.holdout` training examples, which
+    the "train" split then leaves out.
+    """
     spec = dataset_spec(config.dataset)
-    images, labels = load_split(config.dataset, split, config.data_dir)
+    images, labels = load_split(
+        config.dataset, "test" if split == "test" else "train", config.data_dir
+    )
+    if split != "test" and not 0 <= config.holdout < len(labels):
+        raise NinError(f"--holdout must be in [0, {len(labels)}), got {config.holdout}")
     training = split == "train"
-    limit = config.train_subset if training else config.test_subset
+    if split == "val":
+        images, labels = images[-config.holdout :], labels[-config.holdout :]
+    elif training:
+        keep = len(labels) - config.holdout
+        images, labels = images[:keep][: config.train_subset], labels[:keep][: config.train_subset]
+    else:
+        images, labels = images[: config.test_subset], labels[: config.test_subset]
     return DeviceLoader(
-        images[:limit],
-        labels[:limit],
+        images,
+        labels,
         config.batch_size,
         device=device,
         shuffle=training,
@@ -218,7 +235,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         )
     torch.manual_seed(config.seed)
     train_loader = make_loader(config, "train", device)
-    test_loader = make_loader(config, "test", device)
+    # With a holdout, every accuracy during training is validation accuracy; test is untouched.
+    eval_split = "val" if config.holdout else "test"
+    eval_key = f"{eval_split}_acc"
+    eval_loader = make_loader(config, eval_split, device)
     num_classes = len(dataset_spec(config.dataset).classes)
     in_channels = train_loader.images.shape[1]
     model = create_model(
@@ -292,12 +312,12 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
                 f"training diverged in epoch {epoch} (loss {train_loss}); "
                 f"lower the learning rate (now --lr {config.lr})"
             )
-        confusion = evaluate(model, test_loader, num_classes, config.amp)
+        confusion = evaluate(model, eval_loader, num_classes, config.amp)
         row = {
             "epoch": epoch,
             "loss": train_loss,
             "train_acc": train_acc,
-            "test_acc": accuracy(confusion),
+            eval_key: accuracy(confusion),
             "examples_per_sec": n / seconds,
             "epoch_seconds": seconds,
             "lr": optimizer.param_groups[0]["lr"],
@@ -307,7 +327,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
             f.write(json.dumps(row) + "\n")
         log(
             f"epoch {epoch}/{config.epochs}: loss {train_loss:.3f}, train acc {train_acc:.3f}, "
-            f"test acc {row['test_acc']:.3f}, {row['examples_per_sec']:.1f} examples/sec"
+            f"{eval_split} acc {row[eval_key]:.3f}, {row['examples_per_sec']:.1f} examples/sec"
         )
 
     final = history[-1]
@@ -315,7 +335,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     saved["result"] = {
         "loss": final["loss"],
         "train_acc": final["train_acc"],
-        "test_acc": final["test_acc"],
+        eval_key: final[eval_key],
         "examples_per_sec": speed,
         "train_seconds": train_seconds,
         "per_class_acc": per_class_accuracy(confusion),
@@ -326,7 +346,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     # The chapter's closing line.
     log(
         f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, "
-        f"test acc {final['test_acc']:.3f}, {speed:.1f} examples/sec on {device}"
+        f"{eval_split} acc {final[eval_key]:.3f}, {speed:.1f} examples/sec on {device}"
     )
     return {**saved["result"], "device": str(device), "run_dir": str(run_dir), "history": history}
 
@@ -365,7 +385,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(5, 3.5), dpi=120)
     ax = fig.subplots()
-    for key, style in (("loss", "-"), ("train_acc", "--"), ("test_acc", "-.")):
+    keys = [k for k in ("loss", "train_acc", "val_acc", "test_acc") if k in history[0]]
+    for key, style in zip(keys, ("-", "--", "-.", ":"), strict=False):
         ax.plot(
             epochs, [row[key] for row in history], style, marker="o", label=key.replace("_", " ")
         )
