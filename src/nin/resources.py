@@ -152,8 +152,10 @@ class Resources:
     batch_size: int
     optimizer: str
     parameters: int
-    forward_flops: int  # per image
-    training_flops: int  # per image: forward + backward
+    forward_flops: int  # per image, counted by FlopCounterMode
+    training_flops: int  # per image, forward + backward, counted by FlopCounterMode
+    formula_forward_flops: int  # the same two from the per-layer formulas
+    formula_training_flops: int
     analytic: Memory
     measured: Memory | None  # None where the device gives no way to measure
     layers: list[tuple[str, str, int]]  # (layer, kind, saved activation bytes) analytic
@@ -212,6 +214,45 @@ def saved_by_layer(
             current_kept = True
         layers.append((row.name, row.kind, kept))
     return layers, live_peak
+
+
+def layer_parameters(module: nn.Module) -> int:
+    """Analytic parameter count of one layer: a k×k convolution has C_out·C_in·k² + C_out."""
+    if isinstance(module, nn.Conv2d):
+        k_h, k_w = module.kernel_size
+        weights = module.out_channels * module.in_channels // module.groups * k_h * k_w
+        return weights + (module.out_channels if module.bias is not None else 0)
+    if isinstance(module, nn.Linear):
+        return module.out_features * (module.in_features + (module.bias is not None))
+    if isinstance(module, nn.BatchNorm2d):
+        return 2 * module.num_features if module.affine else 0
+    return 0
+
+
+def layer_flops(module: nn.Module, output_shape: tuple[int, ...]) -> int:
+    """Analytic forward FLOPs of one layer: 2 per multiply-add of a convolution or matrix product.
+
+    A convolution does C_in·k² multiply-adds for every output element; pooling, ReLU, batch
+    norm and bias additions are not counted, as `FlopCounterMode` does not count them.
+    """
+    if isinstance(module, nn.Conv2d):
+        k_h, k_w = module.kernel_size
+        return 2 * math.prod(output_shape) * module.in_channels // module.groups * k_h * k_w
+    if isinstance(module, nn.Linear):
+        return 2 * math.prod(output_shape) * module.in_features
+    return 0
+
+
+def formula_flops(model: nn.Module, rows: list[LayerRow]) -> tuple[int, int]:
+    """Forward and training (forward + backward) FLOPs from the per-layer formulas.
+
+    The backward pass computes each layer's weight gradient and input gradient, each as costly
+    as its forward, except the first layer's input gradient, which nothing needs.
+    """
+    modules = dict(model.named_modules())
+    flops = [layer_flops(modules[r.name], r.output_shape) for r in leaf_rows(rows)]
+    first = next((f for f in flops if f), 0)
+    return sum(flops), 3 * sum(flops) - first
 
 
 def training_flops(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1) -> int:
@@ -366,6 +407,7 @@ def measure_resources(
         )
     rows = summarize(model, input_size)
     forward = sum(r.flops for r in leaf_rows(rows))
+    formula_forward, formula_training = formula_flops(model, rows)
     analytic, layers = analytic_memory(model, input_size, batch_size, optimizer)
     return Resources(
         model=name,
@@ -375,6 +417,8 @@ def measure_resources(
         parameters=sum(r.parameters for r in leaf_rows(rows)),
         forward_flops=forward,
         training_flops=training_flops(model, input_size),
+        formula_forward_flops=formula_forward,
+        formula_training_flops=formula_training,
         analytic=analytic,
         measured=measure_memory(model, input_size, batch_size, optimizer),
         layers=layers,
@@ -405,12 +449,12 @@ def format_resources(r: Resources) -> str:
     size = "×".join(map(str, r.input_size))
     lines = [
         f"{r.model}, input {r.batch_size}×{size}, float32, optimizer {r.optimizer}, on {r.device}",
-        f"parameters            {r.parameters:>16,}",
-        f"forward FLOPs/image   {r.forward_flops:>16,}  ({format_count(r.forward_flops / 2)} "
-        "multiply-adds)",
-        f"training FLOPs/image  {r.training_flops:>16,}  "
-        f"({r.training_flops / max(r.forward_flops, 1):.2f}× forward: backward = grads of "
-        "inputs and of weights)",
+        f"{'':<22} {'counted':>16} {'formula':>16}",
+        f"{'parameters':<22} {r.parameters:>16,}",
+        f"{'forward FLOPs/image':<22} {r.forward_flops:>16,} {r.formula_forward_flops:>16,}"
+        f"  ({format_count(r.forward_flops / 2)} multiply-adds)",
+        f"{'training FLOPs/image':<22} {r.training_flops:>16,} {r.formula_training_flops:>16,}"
+        f"  ({r.training_flops / max(r.forward_flops, 1):.2f}× forward)",
         "",
         f"{'memory':<24} {'analytic':>12} {'measured':>12} {'difference':>12}",
     ]
