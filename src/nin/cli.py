@@ -116,6 +116,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"test acc {accuracy(confusion):.4f}")
 
 
+def cmd_exercises(args: argparse.Namespace) -> None:
+    """Run the chapter's exercises and write their README with tables and plots."""
+    from pathlib import Path
+
+    from nin.exercises import main_log, run_exercises
+
+    readme = run_exercises(
+        args.names, Path(args.out), args.seeds, args.full, args.data_dir, args.device, main_log
+    )
+    print(readme)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -185,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-subset", type=int, help="train on the first N examples only")
     p.add_argument("--test-subset", type=int, help="test on the first N examples only")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "exercises",
+        help="answer the chapter's exercises with measurements; writes README.md and plots",
+        description="Run the chapter's exercises (all by default): resources, pointwise, "
+        "reduction, tuning, linear, gap. The default scale runs on 2 CPU cores in about half "
+        "an hour; --full is the chapter's (nin_d2l at 224×224, 10 epochs), for a GPU.",
+    )
+    p.add_argument("names", nargs="*", help="exercises to run (default: all)")
+    p.add_argument("--out", default="docs/exercises", help="default docs/exercises")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    p.add_argument("--full", action="store_true", help="the chapter's scale (a GPU's work)")
+    p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.set_defaults(func=cmd_exercises)
 
     p = sub.add_parser("eval", help="test accuracy of a checkpoint, overall and per class")
     p.add_argument("checkpoint", help="a run directory or its model.safetensors")

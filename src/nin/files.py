@@ -45,3 +45,10 @@ def write_json(path: Path, data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Lay out a matplotlib Figure and write it as a PNG, atomically."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

@@ -154,7 +154,8 @@ class Resources:
     parameters: int
     forward_flops: int  # per image, counted by FlopCounterMode
     training_flops: int  # per image, forward + backward, counted by FlopCounterMode
-    formula_forward_flops: int  # the same two from the per-layer formulas
+    formula_parameters: int  # these three from the per-layer formulas
+    formula_forward_flops: int
     formula_training_flops: int
     analytic: Memory
     measured: Memory | None  # None where the device gives no way to measure
@@ -414,9 +415,10 @@ def measure_resources(
         input_size=tuple(input_size),
         batch_size=batch_size,
         optimizer=optimizer,
-        parameters=sum(r.parameters for r in leaf_rows(rows)),
+        parameters=sum(p.numel() for p in model.parameters()),
         forward_flops=forward,
         training_flops=training_flops(model, input_size),
+        formula_parameters=sum(layer_parameters(m) for m in model.modules()),
         formula_forward_flops=formula_forward,
         formula_training_flops=formula_training,
         analytic=analytic,
@@ -450,7 +452,7 @@ def format_resources(r: Resources) -> str:
     lines = [
         f"{r.model}, input {r.batch_size}×{size}, float32, optimizer {r.optimizer}, on {r.device}",
         f"{'':<22} {'counted':>16} {'formula':>16}",
-        f"{'parameters':<22} {r.parameters:>16,}",
+        f"{'parameters':<22} {r.parameters:>16,} {r.formula_parameters:>16,}",
         f"{'forward FLOPs/image':<22} {r.forward_flops:>16,} {r.formula_forward_flops:>16,}"
         f"  ({format_count(r.forward_flops / 2)} multiply-adds)",
         f"{'training FLOPs/image':<22} {r.training_flops:>16,} {r.formula_training_flops:>16,}"

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from nin.checkpoint import save_checkpoint
 from nin.data import DeviceLoader, dataset_spec, load_split
 from nin.errors import NinError
-from nin.files import atomic_path
+from nin.files import save_figure
 from nin.models import count_parameters, create_model, model_info, xavier_init_
 
 
@@ -348,7 +348,13 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, "
         f"{eval_split} acc {final[eval_key]:.3f}, {speed:.1f} examples/sec on {device}"
     )
-    return {**saved["result"], "device": str(device), "run_dir": str(run_dir), "history": history}
+    return {
+        **saved["result"],
+        "device": str(device),
+        "run_dir": str(run_dir),
+        "history": history,
+        "model": model,
+    }
 
 
 def new_run_dir(preset: str) -> Path:
@@ -395,6 +401,4 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    save_figure(fig, path)

@@ -1,0 +1,954 @@
+"""The chapter's exercises and ideas, each answered by a measurement (`nin exercises`).
+
+Every exercise is a function that runs its experiments and returns a `Section`: markdown whose
+numbers all come from that run, and the raw results. `run_exercises` writes each section as
+JSON beside its plots and rebuilds `README.md` from every section present, so exercises can be
+rerun one at a time. The default scale fits 2 CPU cores; `--full` is the chapter's, for a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nin.data import dataset_spec, load_split
+from nin.errors import NinError
+from nin.files import atomic_path, save_figure, write_json
+from nin.models import count_parameters, create_model, model_info
+from nin.resources import (
+    format_bytes,
+    format_count,
+    format_resources,
+    measure_resources,
+    summarize,
+)
+from nin.train import PRESETS, TrainConfig, accuracy, evaluate, make_loader, pick_device, train
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big the experiments are: the model, and (train subset, epochs) per exercise."""
+
+    name: str
+    model: str
+    resize: int | None
+    budgets: dict[str, tuple[int | None, int]]
+    # The chapter's network as `model` spells it: no batch norm, a ReLU before global pooling.
+    chapter_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The recipe for the exercises that compare networks rather than recipes.
+    recipe: str = "chapter"
+    holdout: int = 5000
+
+
+SCALES = {
+    # Compact NiN at 28×28; subsets and few epochs keep every run under a minute on 2 cores.
+    "cpu": Scale(
+        name="cpu",
+        model="nin_compact",
+        resize=None,
+        budgets={
+            "pointwise": (10000, 4),
+            "reduction": (None, 2),
+            "tuning": (6000, 4),
+            "gap": (10000, 6),
+        },
+        chapter_kwargs={"batch_norm": False, "final_relu": True},
+        recipe="compact",
+    ),
+    # The chapter's network, size and epochs; meant for a GPU.
+    "full": Scale(
+        name="full",
+        model="nin_d2l",
+        resize=224,
+        budgets={
+            "pointwise": (None, 10),
+            "reduction": (None, 10),
+            "tuning": (None, 10),
+            "gap": (None, 10),
+        },
+    ),
+}
+
+
+@dataclass
+class Context:
+    """What every exercise gets: the scale, seeds, where to write plots, the data directory."""
+
+    scale: Scale
+    seeds: int
+    out: Path
+    data_dir: str | None = None
+    device: str | None = None
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Section:
+    """One exercise's answer: a title, markdown (numbers from the run), raw results."""
+
+    title: str
+    markdown: str
+    results: dict[str, Any]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """'91.23 ± 0.15': mean ± std of accuracies, in percent by default."""
+    m, s = mean_std(values)
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def differs(a: list[float], b: list[float]) -> bool:
+    """Whether two sets of seeds differ by more than twice the standard error of the difference."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    return abs(ma - mb) > 2 * se
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def recipe_config(ctx: Context, recipe: str, exercise: str, **overrides: Any) -> TrainConfig:
+    """A TrainConfig for one run: the chapter's recipe or the compact preset's, at this scale.
+
+    The chapter's recipe is plain SGD at lr 0.1, batch 128, Xavier init, no normalisation; it
+    runs here with bfloat16 autocast and channels-last, which change speed, not the method.
+    """
+    subset, epochs = ctx.scale.budgets[exercise]
+    if recipe == "chapter":
+        values: dict[str, Any] = dict(init="xavier", model_kwargs=dict(ctx.scale.chapter_kwargs))
+    else:
+        values = {k: v for k, v in PRESETS["compact"].items() if k != "model"}
+    values.update(
+        model=ctx.scale.model,
+        resize=ctx.scale.resize,
+        epochs=epochs,
+        train_subset=subset,
+        data_dir=ctx.data_dir,
+        device=ctx.device,
+        amp=True,
+        channels_last=True,
+    )
+    kwargs = {**values.get("model_kwargs", {}), **overrides.pop("model_kwargs", {})}
+    return TrainConfig(**{**values, **overrides, "model_kwargs": kwargs})
+
+
+def fit(ctx: Context, config: TrainConfig, label: str) -> dict[str, Any]:
+    """Train `config` in a scratch directory; return its history, final metrics and model."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(dataclasses.replace(config, out=tmp), log=lambda line: None)
+    result["seconds"] = time.perf_counter() - start
+    key = "val_acc" if config.holdout else "test_acc"
+    ctx.log(
+        f"  {label}, seed {config.seed}: loss {result['loss']:.3f}, {key.replace('_', ' ')} "
+        f"{result[key]:.4f} ({result['seconds']:.0f} s)"
+    )
+    return result
+
+
+def split_accuracy(model: nn.Module, config: TrainConfig, split: str) -> float:
+    """Accuracy of a trained model on a whole split, in eval mode."""
+    device = next(model.parameters()).device
+    loader = make_loader(config, split, device)
+    num_classes = len(dataset_spec(config.dataset).classes)
+    return accuracy(evaluate(model, loader, num_classes, config.amp))
+
+
+def new_figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
+    """A matplotlib Figure and its axes, without pyplot (the caller's backend is left alone)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120)
+    return fig, fig.subplots(1, ncols)
+
+
+# --- Exercise 3: resources ------------------------------------------------------------------
+
+
+def exercise_resources(ctx: Context) -> Section:
+    """Parameters, FLOPs and memory of nin_d2l and the scale's model, at batch 1 and 128."""
+    device, _ = pick_device(ctx.device)
+    names = ["nin_d2l"] + ([ctx.scale.model] if ctx.scale.model != "nin_d2l" else [])
+    reports, texts = [], []
+    for name in names:
+        size = model_info(name).input_size
+        model = create_model(name).to(device)
+        for batch_size in (1, 128):
+            ctx.log(f"  {name}, batch {batch_size}")
+            r = measure_resources(model, name, size, batch_size, "sgd")
+            reports.append(r)
+            texts.append(format_resources(r))
+    d2l = reports[0]
+    rows = []
+    for r in reports:
+        a, m = r.analytic, r.measured
+        rows.append(
+            [
+                f"{r.model} ×{r.batch_size}",
+                f"{r.parameters:,}",
+                f"{r.forward_flops / 2e9:.4f} G",
+                f"{r.training_flops / 1e9:.3f} G",
+                format_bytes(a.training_peak),
+                format_bytes(m.training_peak) if m else "not measured",
+                format_bytes(a.inference_peak),
+                format_bytes(m.inference_peak) if m else "not measured",
+            ]
+        )
+    md = [
+        table(
+            [
+                "model × batch",
+                "parameters",
+                "forward multiply-adds / image",
+                "training FLOPs / image",
+                "training memory, analytic",
+                "measured peak",
+                "inference memory, analytic",
+                "measured peak",
+            ],
+            rows,
+        ),
+        "",
+        f"nin_d2l at 1×224×224: **{d2l.parameters:,} parameters**, "
+        f"**{d2l.forward_flops / 2e9:.3f} G multiply-adds** ({d2l.forward_flops:,} FLOPs) per "
+        f"forward pass, counted by `FlopCounterMode`; the per-layer formulas give "
+        f"{d2l.formula_forward_flops:,} (forward) and {d2l.formula_training_flops:,} (training), "
+        f"{'the same' if d2l.formula_training_flops == d2l.training_flops else 'different'} "
+        "numbers. "
+        f"A training step costs {d2l.training_flops / d2l.forward_flops:.2f}× the forward pass: "
+        "the backward pass computes each layer's input gradient and weight gradient, each as "
+        "costly as its forward, and the first layer needs no input gradient.",
+        "",
+        "How the memory is counted. *Analytic*: weights (and batch-norm buffers), gradients "
+        "(one per weight), optimizer state (none for the chapter's plain SGD, one buffer per "
+        "weight with momentum, two with Adam) and the activations autograd saves for the "
+        "backward pass, walked layer by layer from the output shapes (a convolution keeps its "
+        "input; an in-place ReLU keeps the very tensor its convolution wrote, counted once; max "
+        "pooling keeps int64 argmax indices; dropout keeps its mask); inference holds the "
+        "weights, the input and the largest input + output pair of one layer. *Measured*: "
+        "saved activations with a saved-tensors hook on a real forward pass (each storage "
+        "once, weights left out); peaks "
+        + (
+            "with `torch.cuda.max_memory_allocated` around a real training step and a real "
+            "inference pass."
+            if device.type == "cuda"
+            else "from the PyTorch profiler's allocation and free events over a real training "
+            "step and a real inference pass, in time order, added to what was alive before."
+        ),
+        "",
+    ]
+    for r in reports:
+        if r.measured is None:
+            continue
+        a, m = r.analytic, r.measured
+        d_train = m.training_peak - a.training_peak
+        d_inf = m.inference_peak - a.inference_peak
+        extra = m.saved_activations - a.saved_activations
+        md.append(
+            f"- {r.model} ×{r.batch_size}: saved activations {format_bytes(a.saved_activations)} "
+            f"analytic vs {format_bytes(m.saved_activations)} measured "
+            f"({f'{extra:+,} bytes' if extra else 'identical to the byte'}); "
+            f"training peak {d_train / a.training_peak:+.1%}, inference peak "
+            f"{d_inf / a.inference_peak:+.1%} measured vs analytic."
+        )
+    largest_conv = max(
+        p.numel() * p.element_size() for p in create_model("nin_d2l").parameters() if p.dim() == 4
+    )
+    md += [
+        "",
+        "Why the peaks differ from the sums. The analytic training figure adds every saved "
+        "activation to every gradient, but the backward pass frees each saved activation once "
+        "its layer is done while it allocates the weight gradients, so the two never all "
+        "coexist (measured below analytic); on the other side it leaves out temporaries: the "
+        "gradient of the activation being back-propagated, and on the CPU, oneDNN's copy of a "
+        "convolution's weights into its blocked layout on each call (nin_d2l's largest "
+        f"convolution weight is {format_bytes(largest_conv)}), which is also why the measured "
+        "inference peak sits above weights + largest live activations. At batch 128 the saved "
+        "activations dominate training memory; at batch 1 the weights do.",
+        "",
+        "<details><summary>Full reports (`nin resources`)</summary>",
+        "",
+        "```",
+        "\n\n".join(texts),
+        "```",
+        "</details>",
+    ]
+    plot_resources(reports, ctx.out / "resources.png")
+    md += ["", "![memory](resources.png)"]
+    results = [dataclasses.asdict(r) for r in reports]
+    return Section("Exercise 3: parameters, FLOPs and memory", "\n".join(md), {"reports": results})
+
+
+def plot_resources(reports: list, path: Path) -> None:
+    """Stacked analytic memory beside the measured peak, per model and batch size."""
+    fig, ax = new_figure(7, 3.6)
+    labels = [f"{r.model}\n×{r.batch_size}" for r in reports]
+    parts = ("weights", "gradients", "optimizer_state", "saved_activations")
+    x = range(len(reports))
+    bottom = [0.0] * len(reports)
+    for part in parts:
+        values = [getattr(r.analytic, part) / 2**20 for r in reports]
+        ax.bar([i - 0.2 for i in x], values, 0.4, bottom=bottom, label=part.replace("_", " "))
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    measured = [r.measured.training_peak / 2**20 if r.measured else 0 for r in reports]
+    ax.bar([i + 0.2 for i in x], measured, 0.4, color="gray", label="measured training peak")
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("MiB (log scale)")
+    ax.legend(fontsize=7)
+    ax.set_title("training memory: analytic parts (left) vs measured peak (right)", fontsize=9)
+    save_figure(fig, path)
+
+
+# --- Exercise 2: remove a 1×1 convolution ---------------------------------------------------
+
+
+def exercise_pointwise(ctx: Context) -> Section:
+    """Blocks with 0, 1, 2 (chapter) and 3 pointwise convolutions, trained over seeds."""
+    scale = ctx.scale
+    size = model_info(scale.model).input_size
+    if scale.resize:
+        size = (size[0], scale.resize, scale.resize)
+    variants: dict[int, dict[str, Any]] = {}
+    for n in (0, 1, 2, 3):
+        model = create_model(scale.model, num_pointwise=n)
+        flops = sum(r.flops for r in summarize(model, size) if r.depth == 1)
+        runs = []
+        for seed in range(ctx.seeds):
+            config = recipe_config(
+                ctx, scale.recipe, "pointwise", seed=seed, model_kwargs={"num_pointwise": n}
+            )
+            runs.append(fit(ctx, config, f"{n} pointwise"))
+        variants[n] = {
+            "parameters": count_parameters(model),
+            "flops": flops,
+            "test_acc": [r["test_acc"] for r in runs],
+            "loss": [r["loss"] for r in runs],
+            "curves": [[h["test_acc"] for h in r["history"]] for r in runs],
+            "seconds": [r["seconds"] for r in runs],
+        }
+    rows = [
+        [
+            f"{n}" + (" (chapter)" if n == 2 else ""),
+            f"{v['parameters']:,}",
+            format_count(v["flops"]),
+            pm(v["loss"], 1, 3),
+            pm(v["test_acc"]),
+        ]
+        for n, v in variants.items()
+    ]
+    subset, epochs = scale.budgets["pointwise"]
+    acc = {n: v["test_acc"] for n, v in variants.items()}
+    loss = {n: mean_std(v["loss"])[0] for n, v in variants.items()}
+
+    def change(a: int, b: int) -> str:
+        d = (mean_std(acc[b])[0] - mean_std(acc[a])[0]) * 100
+        verdict = "beyond seed noise" if differs(acc[a], acc[b]) else "within seed noise"
+        return f"{d:+.2f} points ({verdict})"
+
+    best = max(acc, key=lambda n: mean_std(acc[n])[0])
+    per_conv = variants[2]["parameters"] - variants[1]["parameters"]
+    md = [
+        scale_line(ctx, "pointwise"),
+        "",
+        table(
+            [
+                "1×1 convolutions per block",
+                "parameters",
+                "forward FLOPs / image",
+                "final train loss",
+                "test accuracy (%)",
+            ],
+            rows,
+        ),
+        "",
+        "![test accuracy per epoch](pointwise.png)",
+        "",
+        "Each 1×1 convolution is a fully connected layer applied at every pixel, followed by its "
+        "own ReLU: it mixes channels and adds a non-linearity without touching the spatial "
+        f"layout. Going from the chapter's two to one changes test accuracy by {change(2, 1)}; "
+        f"to none (each block a single convolution and ReLU, a plain CNN layer) by "
+        f"{change(2, 0)}; a third adds {change(2, 3)}. The second 1×1 convolution of each "
+        f"block costs {per_conv:,} parameters and "
+        f"{format_count(variants[2]['flops'] - variants[1]['flops'])}FLOPs per image. "
+        f"Final training loss goes {', '.join(f'{loss[n]:.3f}' for n in (0, 1, 2, 3))} "
+        "for 0 to 3 — "
+        + (
+            "falling as blocks deepen, so the extra per-pixel layers add fitting capacity"
+            if loss[0] > loss[1] > loss[2]
+            else "not falling steadily with depth, so at this budget the extra layers do not "
+            "simply buy fitting capacity; optimisation (deeper stacks train more slowly) "
+            "weighs as much"
+        )
+        + f". Best at this scale: {best} per block.",
+    ]
+    plot_mean_curves(
+        {f"{n} × 1×1": v["curves"] for n, v in variants.items()},
+        ctx.out / "pointwise.png",
+        "test accuracy per epoch, mean ± std over seeds",
+    )
+    return Section("Exercise 2: remove a 1×1 convolution", "\n".join(md), {"variants": variants})
+
+
+def plot_mean_curves(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:
+    """Mean ± std bands over seeds, one line per variant."""
+    fig, ax = new_figure()
+    for label, runs in curves.items():
+        t = torch.tensor(runs, dtype=torch.float64)
+        mean, std = t.mean(0), t.std(0) if len(runs) > 1 else torch.zeros(t.shape[1])
+        epochs = range(1, t.shape[1] + 1)
+        ax.plot(epochs, mean, marker="o", label=label)
+        ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+# --- Exercise 4: 384×5×5 to 10×5×5 at once --------------------------------------------------
+
+REDUCTIONS = {
+    # label -> (model keyword arguments over the chapter's network, what it is)
+    "direct": ({}, "the chapter: a 3×3 convolution straight to one channel per class, ReLU, GAP"),
+    "gradual": ({"head": "gradual"}, "halve the width at each convolution (C → C/2 → C/4 → 10)"),
+    "dense": (
+        {"head": "dense"},
+        "flatten + two fully connected layers instead of the block and GAP",
+    ),
+    "no final ReLU": ({"final_relu": False}, "the chapter's block, its last ReLU removed"),
+    "batch norm": ({"batch_norm": True}, "the chapter's network with batch normalisation"),
+}
+
+
+def dead_class_channels(model: nn.Module, config: TrainConfig) -> int | None:
+    """How many class maps are zero on every test image (their ReLU died); None without GAP."""
+    pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not pools:
+        return None
+    seen: list[torch.Tensor] = []
+    handle = pools[0].register_forward_hook(
+        lambda m, args, out: seen.append(args[0].float().amax(dim=(0, 2, 3)))
+    )
+    try:
+        split_accuracy(model, config, "test")
+    finally:
+        handle.remove()
+    return int((torch.stack(seen).amax(0) <= 0).sum())
+
+
+def exercise_reduction(ctx: Context) -> Section:
+    """The chapter's last block vs gradual reductions, a dense head and two fixes, over seeds."""
+    results: dict[str, dict[str, Any]] = {}
+    for label, (kwargs, _) in REDUCTIONS.items():
+        runs, dead = [], []
+        for seed in range(ctx.seeds):
+            config = recipe_config(ctx, "chapter", "reduction", seed=seed, model_kwargs=kwargs)
+            result = fit(ctx, config, label)
+            runs.append(result)
+            dead.append(dead_class_channels(result["model"], config))
+        model = create_model(ctx.scale.model, **{**ctx.scale.chapter_kwargs, **kwargs})
+        test = [r["test_acc"] for r in runs]
+        results[label] = {
+            "parameters": count_parameters(model),
+            "test_acc": test,
+            "loss": [r["loss"] for r in runs],
+            "at_chance": sum(a < 0.15 for a in test),
+            "dead_channels": dead,
+        }
+    subset, epochs = ctx.scale.budgets["reduction"]
+    rows = []
+    for label, r in results.items():
+        dead = r["dead_channels"]
+        rows.append(
+            [
+                label,
+                REDUCTIONS[label][1],
+                f"{r['parameters']:,}",
+                pm(r["test_acc"]),
+                f"{r['at_chance']} of {len(r['test_acc'])}",
+                "—" if dead[0] is None else " / ".join(map(str, dead)),
+            ]
+        )
+    chapter = results["direct"]
+    fixes = [
+        label
+        for label, r in results.items()
+        if label != "direct"
+        and r["at_chance"] == 0
+        and not any(d for d in r["dead_channels"] if d)
+        and differs(r["test_acc"], chapter["test_acc"])
+        and mean_std(r["test_acc"])[0] > mean_std(chapter["test_acc"])[0]
+    ]
+    dead_total = sum(d or 0 for d in chapter["dead_channels"])
+    md = [
+        scale_line(ctx, "reduction")
+        + " The chapter's recipe throughout: plain SGD, lr 0.1, batch 128, Xavier init.",
+        "",
+        table(
+            [
+                "last block",
+                "what it is",
+                "parameters",
+                "test accuracy (%)",
+                "runs at chance (< 15%)",
+                "dead class maps per seed",
+            ],
+            rows,
+        ),
+        "",
+        "![test accuracy of every seed](reduction.png)",
+        "",
+        "What goes wrong at once. The chapter's last block maps 384 (here "
+        f"{'192' if ctx.scale.model == 'nin_compact' else '384'}) channels straight to one "
+        "channel per class, and every one of those ten maps passes through a ReLU before global "
+        "average pooling. A class map whose pre-activation is negative on every pixel of every "
+        "image outputs 0 and gets no gradient again: it is dead, and its class can only win when "
+        "every other class scores 0 too. When all ten die, every logit is 0 and the loss sits at "
+        f"ln 10 = {math.log(10):.3f} — the collapse readers report. Over "
+        f"{len(chapter['test_acc'])} seeds the chapter's block ended with {dead_total} dead "
+        f"class maps in all and {chapter['at_chance']} run(s) at chance. "
+        + (
+            f"The changes that removed both dead maps and chance runs here, and beat the "
+            f"chapter's block beyond seed noise: {', '.join(fixes)}."
+            if fixes
+            else "No variant beat the chapter's block beyond seed noise at this budget without "
+            "dead maps or chance runs."
+        )
+        + " A narrow 10-channel bottleneck also throws information away in one step: the "
+        "3×3 convolution must compress a 384×3×3 neighbourhood into 10 numbers, where the "
+        "gradual and late heads keep a wide representation until the last 1×1 convolution.",
+    ]
+    plot_seeds(
+        {label: r["test_acc"] for label, r in results.items()},
+        ctx.out / "reduction.png",
+        "final test accuracy of each seed",
+    )
+    return Section("Exercise 4: reduce 384×5×5 to 10×5×5 at once", "\n".join(md), results)
+
+
+def plot_seeds(values: dict[str, list[float]], path: Path, title: str) -> None:
+    """One dot per seed, one column per variant, with the chance level marked."""
+    fig, ax = new_figure(7, 3.4)
+    for i, accs in enumerate(values.values()):
+        ax.scatter([i] * len(accs), accs, alpha=0.7)
+        ax.hlines(mean_std(accs)[0], i - 0.25, i + 0.25, color="black")
+    ax.axhline(0.1, color="red", linestyle=":", label="chance (10%)")
+    ax.set_xticks(range(len(values)), list(values), fontsize=7)
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+# --- Exercise 1: tune hyper-parameters ------------------------------------------------------
+
+GRID = {
+    "lr": (0.05, 0.1, 0.2),
+    "batch_size": (64, 256),
+    "weight_decay": (0.0, 5e-4),
+    "batch_norm": (False, True),
+}
+CHAPTER_SETTING = {"lr": 0.1, "batch_size": 128, "weight_decay": 0.0, "batch_norm": False}
+
+
+def tuning_config(ctx: Context, setting: dict[str, Any], **overrides: Any) -> TrainConfig:
+    """The chapter's recipe with one grid setting applied (batch norm through the model)."""
+    values = {k: v for k, v in setting.items() if k != "batch_norm"}
+    kwargs = {"batch_norm": setting["batch_norm"]}
+    return recipe_config(ctx, "chapter", "tuning", model_kwargs=kwargs, **values, **overrides)
+
+
+def exercise_tuning(ctx: Context) -> Section:
+    """A grid search on a validation split; the best setting vs the chapter's, tested at the end."""
+    import itertools
+
+    trials = []
+    keys = list(GRID)
+    for values in itertools.product(*GRID.values()):
+        setting = dict(zip(keys, values, strict=True))
+        config = tuning_config(ctx, setting, holdout=ctx.scale.holdout)
+        result = fit(ctx, config, ", ".join(f"{k} {v}" for k, v in setting.items()))
+        curve = [h["val_acc"] for h in result["history"]]
+        best_epoch = max(range(len(curve)), key=curve.__getitem__) + 1
+        trials.append({**setting, "val_acc": curve[best_epoch - 1], "epochs": best_epoch})
+    trials.sort(key=lambda t: -t["val_acc"])
+    best = trials[0]
+    _, budget = ctx.scale.budgets["tuning"]
+    finals: dict[str, list[float]] = {}
+    for label, setting, epochs in (
+        ("chapter", CHAPTER_SETTING, budget),
+        ("best found", {k: best[k] for k in keys}, best["epochs"]),
+    ):
+        finals[label] = []
+        for seed in range(ctx.seeds):
+            config = tuning_config(
+                ctx, setting, holdout=ctx.scale.holdout, epochs=epochs, seed=seed
+            )
+            result = fit(ctx, config, label)
+            finals[label].append(split_accuracy(result["model"], config, "test"))
+    rows = [
+        [t["lr"], t["batch_size"], t["weight_decay"], "on" if t["batch_norm"] else "off",
+         t["epochs"], f"{t['val_acc'] * 100:.2f}"]
+        for t in trials
+    ]  # fmt: skip
+    subset, _ = ctx.scale.budgets["tuning"]
+    chapter_m, best_m = mean_std(finals["chapter"])[0], mean_std(finals["best found"])[0]
+    md = [
+        scale_line(ctx, "tuning")
+        + f" Search on a validation split of the last {ctx.scale.holdout:,} training images "
+        "(never trained on); the test split is read once per final run, at the end.",
+        "",
+        f"Grid ({len(trials)} settings, seed 0, the chapter's plain SGD, epochs picked as the "
+        "best validation epoch within the budget), sorted by validation accuracy:",
+        "",
+        table(["lr", "batch", "weight decay", "batch norm", "best epoch", "val acc (%)"], rows),
+        "",
+        table(
+            ["setting", "epochs", f"test accuracy (%), {ctx.seeds} seeds"],
+            [
+                [
+                    "the chapter's (lr 0.1, batch 128, no weight decay, no batch norm)",
+                    budget,
+                    pm(finals["chapter"]),
+                ],
+                [
+                    f"best found (lr {best['lr']}, batch {best['batch_size']}, weight decay "
+                    f"{best['weight_decay']}, batch norm {'on' if best['batch_norm'] else 'off'})",
+                    best["epochs"],
+                    pm(finals["best found"]),
+                ],
+            ],
+        ),  # fmt: skip
+        "",
+        "![validation accuracy of every setting](tuning.png)",
+        "",
+        f"The best setting found scores {best_m * 100:.2f}% on the test split against "
+        f"{chapter_m * 100:.2f}% for the chapter's at the same budget "
+        f"({(best_m - chapter_m) * 100:+.2f} points, "
+        f"{'beyond' if differs(finals['chapter'], finals['best found']) else 'within'} seed "
+        "noise). " + batch_norm_finding(trials),
+    ]
+    plot_tuning(trials, ctx.out / "tuning.png")
+    return Section(
+        "Exercise 1: tune the hyper-parameters", "\n".join(md), {"trials": trials, "finals": finals}
+    )
+
+
+def batch_norm_finding(trials: list[dict[str, Any]]) -> str:
+    """One sentence on batch norm from the grid: the mean validation accuracy with and without."""
+    on = [t["val_acc"] for t in trials if t["batch_norm"]]
+    off = [t["val_acc"] for t in trials if not t["batch_norm"]]
+    return (
+        "Averaged over the rest of the grid, batch norm on gives "
+        f"{statistics.fmean(on) * 100:.1f}% "
+        f"validation accuracy and off {statistics.fmean(off) * 100:.1f}%: "
+        + (
+            "the largest single lever at this budget, since it lets plain SGD leave the "
+            "chance-level plateau the un-normalised network starts on."
+            if statistics.fmean(on) > statistics.fmean(off)
+            else "batch norm does not help at this budget."
+        )
+    )
+
+
+def plot_tuning(trials: list[dict[str, Any]], path: Path) -> None:
+    """Validation accuracy against learning rate, by batch size and batch norm."""
+    fig, ax = new_figure()
+    for bn in (False, True):
+        for batch in GRID["batch_size"]:
+            pts = [t for t in trials if t["batch_norm"] == bn and t["batch_size"] == batch]
+            ax.scatter(
+                [t["lr"] for t in pts],
+                [t["val_acc"] for t in pts],
+                marker="o" if bn else "x",
+                label=f"batch {batch}, batch norm {'on' if bn else 'off'}",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("best validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+# --- Idea: a 1×1 convolution is a per-pixel fully connected layer ---------------------------
+
+
+def exercise_linear(ctx: Context) -> Section:
+    """1×1 convolution ≡ Linear at every pixel (numerically), and spec 002's parameter counts."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(96, 256, 1)
+    linear = nn.Linear(96, 256)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.view(256, 96))
+        linear.bias.copy_(conv.bias)
+    x = torch.randn(8, 96, 13, 13)
+    with torch.no_grad():
+        by_conv = conv(x)
+        by_linear = linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    diff = (by_conv - by_linear).abs().max().item()
+    conv3 = nn.Conv2d(512, 4096, 3)
+    dense = nn.Linear(512 * 7 * 7, 4096)
+
+    def weights(m: nn.Module) -> int:
+        return m.weight.numel()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(m: nn.Module, inp: torch.Tensor) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            m(inp)
+        return counter.get_total_flops()
+
+    feature = torch.zeros(1, 512, 7, 7)
+    conv3_flops = flops(nn.Conv2d(512, 4096, 3, padding=1), feature)
+    dense_flops = flops(dense, feature.flatten(1))
+    md = [
+        "A 1×1 convolution with weights W (C_out × C_in) and a `Linear(C_in, C_out)` holding the "
+        "same W, applied to every pixel's channel vector (moved last with `permute`), give the "
+        f"same output: on a random 8×96×13×13 input, 96 → 256 channels, the largest absolute "
+        f"difference is **{diff:.2e}** (float32 rounding). That is why NiN calls its 1×1 "
+        "convolutions a per-pixel multilayer perceptron: each pixel's channels go through the "
+        "same small fully connected layer.",
+        "",
+        "Spec 002's comparison, computed from the layers themselves:",
+        "",
+        table(
+            ["layer", "weights", "with bias", "FLOPs on a 512×7×7 input"],
+            [
+                [
+                    "3×3 convolution, 512 → 4096 (padding 1)",
+                    f"{weights(conv3):,}",
+                    f"{count_parameters(conv3):,}",
+                    f"{conv3_flops:,}",
+                ],
+                [
+                    "dense layer, 512×7×7 → 4096",
+                    f"{weights(dense):,}",
+                    f"{count_parameters(dense):,}",
+                    f"{dense_flops:,}",
+                ],
+            ],
+        ),  # fmt: skip
+        "",
+        f"The convolution has {weights(dense) / weights(conv3):.2f}× fewer weights "
+        f"({weights(conv3) / 1e6:.1f} M vs {weights(dense) / 1e6:.1f} M), because it shares one "
+        "3×3 filter bank across all 49 positions, yet it does "
+        f"{conv3_flops / dense_flops:.1f}× the arithmetic, because it applies that bank at every "
+        "position. Dense layers cost parameters (and memory, and overfitting); convolutions cost "
+        "compute.",
+    ]
+    results = {"max_abs_difference": diff, "conv3_weights": weights(conv3),
+               "dense_weights": weights(dense), "conv3_flops": conv3_flops,
+               "dense_flops": dense_flops}  # fmt: skip
+    return Section(
+        "Idea: a 1×1 convolution is a fully connected layer per pixel", "\n".join(md), results
+    )
+
+
+# --- Idea: global average pooling instead of dense layers -----------------------------------
+
+
+def exercise_gap(ctx: Context) -> Section:
+    """Same body, GAP head vs flatten + dense head: parameters and overfitting, over seeds."""
+    heads = {"global average pooling": {}, "dense": {"head": "dense"}}
+    results: dict[str, dict[str, Any]] = {}
+    for label, kwargs in heads.items():
+        train_acc, test_acc, curves = [], [], []
+        for seed in range(ctx.seeds):
+            config = recipe_config(ctx, ctx.scale.recipe, "gap", seed=seed, model_kwargs=kwargs)
+            result = fit(ctx, config, label)
+            train_acc.append(split_accuracy(result["model"], config, "train"))
+            test_acc.append(result["test_acc"])
+            curves.append([h["test_acc"] for h in result["history"]])
+        model = create_model(ctx.scale.model, **kwargs)
+        results[label] = {
+            "parameters": count_parameters(model),
+            "train_acc": train_acc,
+            "test_acc": test_acc,
+            "gap": [a - b for a, b in zip(train_acc, test_acc, strict=True)],
+            "curves": curves,
+        }
+    gap_head, dense_head = results["global average pooling"], results["dense"]
+    more = max(results, key=lambda k: mean_std(results[k]["gap"])[0])
+    rows = [
+        [label, f"{r['parameters']:,}", pm(r["train_acc"]), pm(r["test_acc"]), pm(r["gap"])]
+        for label, r in results.items()
+    ]
+    md = [
+        scale_line(ctx, "gap")
+        + " Train accuracy is measured after training, in eval mode, on the training images.",
+        "",
+        table(
+            ["head", "parameters", "train acc (%)", "test acc (%)", "train − test (points)"], rows
+        ),
+        "",
+        "![test accuracy per epoch](gap.png)",
+        "",
+        f"The dense head adds {dense_head['parameters'] - gap_head['parameters']:,} parameters "
+        f"({dense_head['parameters'] / gap_head['parameters']:.1f}× the GAP network). "
+        f"The {more} head overfits more: its train − test gap is larger by "
+        f"{abs(mean_std(dense_head['gap'])[0] - mean_std(gap_head['gap'])[0]) * 100:.2f} points "
+        f"({'beyond' if differs(dense_head['gap'], gap_head['gap']) else 'within'} seed noise). "
+        f"Test accuracy: {pm(gap_head['test_acc'])}% with global average pooling vs "
+        f"{pm(dense_head['test_acc'])}% dense "
+        f"({'beyond' if differs(gap_head['test_acc'], dense_head['test_acc']) else 'within'} "
+        "seed noise). Global average pooling has no weights of its own: each class map is "
+        "averaged into its logit, so the last NiN block must make class maps, and there is "
+        "nothing left to memorise the training set with.",
+    ]
+    plot_mean_curves(
+        {label: r["curves"] for label, r in results.items()},
+        ctx.out / "gap.png",
+        "test accuracy per epoch, mean ± std over seeds",
+    )
+    return Section("Idea: global average pooling instead of a dense head", "\n".join(md), results)
+
+
+# --- Running and writing --------------------------------------------------------------------
+
+EXERCISES: dict[str, Callable[[Context], Section]] = {
+    "resources": exercise_resources,
+    "pointwise": exercise_pointwise,
+    "reduction": exercise_reduction,
+    "tuning": exercise_tuning,
+    "linear": exercise_linear,
+    "gap": exercise_gap,
+}
+
+
+def scale_line(ctx: Context, exercise: str) -> str:
+    """The scale of an exercise's runs, written beside its table."""
+    subset, epochs = ctx.scale.budgets[exercise]
+    recipe = "the chapter's" if exercise in ("reduction", "tuning") else ctx.scale.recipe
+    data = f"the first {subset:,} training images" if subset else "the full training split"
+    size = f"{ctx.scale.resize}×{ctx.scale.resize}" if ctx.scale.resize else "28×28"
+    return (
+        f"*Scale: {ctx.scale.model} at {size}, {data}, {epochs} epochs, {recipe} recipe, "
+        f"{ctx.seeds} seeds; accuracy on the full 10,000-image test split unless stated.*"
+    )
+
+
+def machine() -> str:
+    """This machine in a few words: CPU model and cores, or the GPU, and the torch version."""
+    if torch.cuda.is_available():
+        where = torch.cuda.get_device_name()
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        where = f"{cpu}, {os.cpu_count()} cores"
+    return f"{where}, torch {torch.__version__}"
+
+
+def run_exercises(
+    names: list[str],
+    out: Path,
+    seeds: int = 3,
+    full: bool = False,
+    data_dir: str | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Run the named exercises (all when empty), write each section and rebuild the README."""
+    unknown = [n for n in names if n not in EXERCISES]
+    if unknown:
+        raise NinError(f"unknown exercise {unknown[0]!r}; choose from: {', '.join(EXERCISES)}")
+    if seeds < 1:
+        raise NinError(f"--seeds must be at least 1, got {seeds}")
+    names = names or list(EXERCISES)
+    scale = SCALES["full" if full else "cpu"]
+    if any(n not in ("resources", "linear") for n in names):
+        load_split("fashion-mnist", "train", data_dir)  # fail now, not after the first exercise
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NinError(f"cannot write to {out} ({e.strerror}); choose --out") from None
+    ctx = Context(scale, seeds, out, data_dir, device, log)
+    for name in names:
+        log(f"nin exercises: {name} ({EXERCISES[name].__doc__.splitlines()[0]})")
+        start = time.perf_counter()
+        section = EXERCISES[name](ctx)
+        command = f"nin exercises {name} --seeds {seeds}" + (" --full" if full else "")
+        write_json(
+            out / f"{name}.json",
+            {
+                "title": section.title,
+                "markdown": section.markdown,
+                "results": section.results,
+                "command": command,
+                "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+                "machine": machine(),
+                "minutes": round((time.perf_counter() - start) / 60, 1),
+            },
+        )
+    return write_readme(out)
+
+
+def write_readme(out: Path) -> Path:
+    """Rebuild README.md from every section JSON in `out`, in the chapter's order."""
+    sections = {}
+    for name in EXERCISES:
+        path = out / f"{name}.json"
+        if path.exists():
+            sections[name] = json.loads(path.read_text())
+    order = ["linear", "gap", "tuning", "pointwise", "resources", "reduction"]
+    lines = [
+        "# The chapter's exercises and ideas, measured",
+        "",
+        "Generated by `nin exercises`; every number below comes from the run that wrote its "
+        "section. Rerun one with the command in its row (`--out` to write elsewhere).",
+        "",
+        table(
+            ["section", "command", "date", "machine", "minutes"],
+            [
+                [s["title"], f"`{s['command']}`", s["date"], s["machine"], s["minutes"]]
+                for s in (sections[n] for n in order if n in sections)
+            ],
+        ),  # fmt: skip
+    ]
+    for name in order:
+        if name in sections:
+            lines += ["", f"## {sections[name]['title']}", "", sections[name]["markdown"]]
+    path = out / "README.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main_log(line: str) -> None:
+    """Progress lines to stderr, so stdout stays the README path."""
+    print(line, file=sys.stderr, flush=True)
