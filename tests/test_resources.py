@@ -1,8 +1,22 @@
 import pytest
+import torch
 
 import nin
 from nin.models import count_parameters
-from nin.resources import format_summary, leaf_rows, summarize
+from nin.resources import (
+    OPTIMIZER_SLOTS,
+    analytic_memory,
+    format_resources,
+    format_summary,
+    formula_flops,
+    layer_flops,
+    layer_parameters,
+    leaf_rows,
+    measure_memory,
+    measure_resources,
+    summarize,
+    training_flops,
+)
 
 from .test_models import CHAPTER_SHAPES
 
@@ -47,3 +61,82 @@ def test_summary_of_any_input_size():
     assert rows[-1].output_shape == (4, 10)
     assert sum(r.parameters for r in leaf_rows(rows)) == count_parameters(net)
     assert net.training  # summarize leaves the mode as it found it
+
+
+# --- Analytic formulas against FlopCounterMode and the measured counts ------------------------
+
+VARIANTS = [
+    ("nin_d2l", {}, (1, 224, 224)),
+    ("nin_compact", {}, (1, 28, 28)),
+    ("nin_compact", {"head": "dense"}, (1, 28, 28)),
+    ("nin_compact", {"head": "gradual", "num_pointwise": 3}, (1, 28, 28)),
+    ("nin_cifar", {}, (3, 32, 32)),
+    ("nin_imagenet", {}, (3, 224, 224)),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "size"), VARIANTS)
+def test_layer_formulas_match_flop_counter_and_parameter_counts(name, kwargs, size):
+    model = nin.create_model(name, **kwargs)
+    rows = summarize(model, size)
+    modules = dict(model.named_modules())
+    for row in leaf_rows(rows):
+        module = modules[row.name]
+        assert layer_flops(module, row.output_shape) == row.flops, row.name
+        assert layer_parameters(module) == row.parameters, row.name
+    assert sum(layer_parameters(m) for m in model.modules()) == count_parameters(model)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("nin_compact", (1, 28, 28)), ("nin_cifar", (3, 32, 32))]
+)
+def test_training_flops_formula_matches_flop_counter(name, size):
+    model = nin.create_model(name)
+    forward, training = formula_flops(model, summarize(model, size))
+    assert training == training_flops(model, size, batch_size=2) // 2
+    assert 2.5 * forward < training < 3 * forward  # backward ≈ 2× forward, less the first layer
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"),
+    [
+        ("nin_compact", {}, (1, 28, 28)),
+        ("nin_compact", {"batch_norm": False, "final_relu": True}, (1, 28, 28)),
+        ("nin_compact", {"head": "dense"}, (1, 28, 28)),
+        ("nin_d2l", {}, (1, 96, 96)),
+        ("nin_cifar", {}, (3, 32, 32)),
+    ],
+)
+def test_analytic_memory_matches_measurement(name, kwargs, size):
+    torch.manual_seed(0)
+    model = nin.create_model(name, **kwargs)
+    analytic, layers = analytic_memory(model, size, 3, "momentum")
+    measured = measure_memory(model, size, 3, "momentum")
+    assert measured is not None
+    # Weights, gradients, optimizer state and saved activations: exact, to the byte.
+    for key in ("weights", "gradients", "optimizer_state", "saved_activations"):
+        assert getattr(measured, key) == getattr(analytic, key), key
+    assert sum(kept for _, _, kept in layers) == analytic.saved_activations
+    # Peaks: the analytic sums leave out temporaries and freeing order; they stay close.
+    assert measured.training_peak == pytest.approx(analytic.training_peak, rel=0.25)
+    assert measured.inference_peak == pytest.approx(analytic.inference_peak, rel=0.6)
+    assert measured.inference_peak < measured.training_peak
+
+
+def test_optimizer_state_scales_with_the_optimizer():
+    model = nin.create_model("nin_compact")
+    sizes = {
+        opt: analytic_memory(model, (1, 28, 28), 1, opt)[0].optimizer_state
+        for opt in OPTIMIZER_SLOTS
+    }
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert sizes == {"sgd": 0, "momentum": weights, "adam": 2 * weights}
+
+
+def test_chapter_network_resources():
+    r = measure_resources(nin.create_model("nin_d2l"), "nin_d2l", (1, 224, 224), 1)
+    assert r.parameters == r.formula_parameters == 1_992_166
+    assert r.forward_flops / 2 == pytest.approx(0.76e9, rel=0.01)
+    assert r.training_flops == r.formula_training_flops
+    text = format_resources(r)
+    assert "1,992,166" in text and "saved activations" in text and "not measured" not in text

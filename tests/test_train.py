@@ -136,3 +136,30 @@ def test_impossible_input_size_stops_before_training(data_dir, tmp_path):
     with pytest.raises(NinError, match="cannot take input"):
         train(config, log=lambda line: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_holdout_validates_on_training_images_and_never_reads_test(data_dir, tmp_path):
+    config = make_config(
+        "compact", data_dir=str(data_dir), out=str(tmp_path), holdout=500,
+        train_subset=600, epochs=1, batch_size=200,
+    )  # fmt: skip
+    train_loader = make_loader(config, "train", torch.device("cpu"))
+    val_loader = make_loader(config, "val", torch.device("cpu"))
+    assert (train_loader.num_examples, val_loader.num_examples) == (600, 500)
+    # Validation is the last 500 training images; training never sees them.
+    from nin.data import load_split
+
+    images, _ = load_split("fashion-mnist", "train", str(data_dir))
+    assert torch.equal(val_loader.images, images[-500:])
+    assert torch.equal(train_loader.images, images[:600])
+    result = train(config, log=lambda line: None)
+    assert "val_acc" in result and "test_acc" not in result
+    assert all("test_acc" not in row for row in result["history"])
+
+
+def test_holdout_larger_than_the_split_is_refused(data_dir, tmp_path):
+    config = make_config("compact", data_dir=str(data_dir), out=str(tmp_path), holdout=60000)
+    with pytest.raises(NinError, match="--holdout must be in"):
+        make_loader(config, "train", torch.device("cpu"))
+    with pytest.raises(NinError, match="--holdout must be 0 or more"):
+        make_config("compact", holdout=-1)

@@ -53,6 +53,7 @@ class Scale:
     # The recipe for the exercises that compare networks rather than recipes.
     recipe: str = "chapter"
     holdout: int = 5000
+    resource_batches: tuple[int, ...] = (1, 128)
 
 
 SCALES = {
@@ -197,7 +198,7 @@ def exercise_resources(ctx: Context) -> Section:
     for name in names:
         size = model_info(name).input_size
         model = create_model(name).to(device)
-        for batch_size in (1, 128):
+        for batch_size in ctx.scale.resource_batches:
             ctx.log(f"  {name}, batch {batch_size}")
             r = measure_resources(model, name, size, batch_size, "sgd")
             reports.append(r)
@@ -437,6 +438,7 @@ REDUCTIONS = {
     # label -> (model keyword arguments over the chapter's network, what it is)
     "direct": ({}, "the chapter: a 3×3 convolution straight to one channel per class, ReLU, GAP"),
     "gradual": ({"head": "gradual"}, "halve the width at each convolution (C → C/2 → C/4 → 10)"),
+    "late": ({"head": "late"}, "the paper's: keep the width, reach 10 at the last 1×1"),
     "dense": (
         {"head": "dense"},
         "flatten + two fully connected layers instead of the block and GAP",

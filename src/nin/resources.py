@@ -6,8 +6,11 @@ as two FLOPs); a layer's count is the counter's total after it ran minus the tot
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -368,6 +371,20 @@ def measure_memory(
     )
 
 
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 for a while: the profiler's C++ side logs start/stop there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_bytes(fn: Callable[[], None], device: torch.device, alive: int) -> int | None:
     """The most bytes alive at once while `fn` runs; `alive` is what exists before it starts."""
     if device.type == "cuda":
@@ -380,7 +397,7 @@ def peak_bytes(fn: Callable[[], None], device: torch.device, alive: int) -> int 
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:  # the raw allocation events; the profiler's tables only keep per-op sums
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]

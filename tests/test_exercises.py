@@ -1,0 +1,131 @@
+"""The exercises at a tiny scale: each runs end to end on real data and writes its section."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import nin.exercises as ex
+from nin.errors import NinError
+from nin.models import create_model
+from nin.train import make_config
+
+TINY = ex.Scale(
+    name="tiny",
+    model="nin_compact",
+    resize=None,
+    budgets={"pointwise": (256, 1), "reduction": (256, 1), "tuning": (256, 1), "gap": (256, 2)},
+    chapter_kwargs={"batch_norm": False, "final_relu": True},
+    recipe="compact",
+    holdout=256,
+    resource_batches=(1, 2),
+)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setitem(ex.SCALES, "cpu", TINY)
+    monkeypatch.setattr(
+        ex,
+        "GRID",
+        {"lr": (0.1,), "batch_size": (128,), "weight_decay": (0.0,), "batch_norm": (False, True)},
+    )
+
+
+def run(names, tmp_path, data_dir, seeds=1):
+    lines = []
+    readme = ex.run_exercises(names, tmp_path, seeds, data_dir=str(data_dir), log=lines.append)
+    return readme.read_text(), lines
+
+
+def test_linear_shows_conv1x1_equals_linear_and_spec_counts(tmp_path):
+    readme = ex.run_exercises(["linear"], tmp_path, log=lambda line: None).read_text()
+    results = json.loads((tmp_path / "linear.json").read_text())["results"]
+    assert results["max_abs_difference"] < 1e-5
+    assert results["conv3_weights"] == 512 * 4096 * 3 * 3  # ≈ 18.9 M
+    assert results["dense_weights"] == 512 * 7 * 7 * 4096  # ≈ 102.8 M
+    assert "18.9 M vs 102.8 M" in readme and "nin exercises linear --seeds 3" in readme
+
+
+def test_resources_section_reports_the_chapter_network(tmp_path, tiny, data_dir):
+    readme, _ = run(["resources"], tmp_path, data_dir)
+    assert "**1,992,166 parameters**" in readme and "0.762 G multiply-adds" in readme
+    assert "identical to the byte" in readme
+    assert (tmp_path / "resources.png").stat().st_size > 0
+
+
+def test_pointwise_trains_each_variant_per_seed(tmp_path, tiny, data_dir):
+    readme, lines = run(["pointwise"], tmp_path, data_dir, seeds=2)
+    variants = json.loads((tmp_path / "pointwise.json").read_text())["results"]["variants"]
+    assert sorted(variants) == ["0", "1", "2", "3"]
+    params = [variants[n]["parameters"] for n in "0123"]
+    assert params == sorted(params) and len(set(params)) == 4
+    assert all(len(v["test_acc"]) == 2 for v in variants.values())
+    assert sum("pointwise, seed" in line for line in lines) == 8
+    assert "2 (chapter)" in readme and (tmp_path / "pointwise.png").exists()
+
+
+def test_reduction_counts_chance_runs_and_dead_maps(tmp_path, tiny, data_dir):
+    readme, _ = run(["reduction"], tmp_path, data_dir)
+    results = json.loads((tmp_path / "reduction.json").read_text())["results"]
+    assert set(results) == set(ex.REDUCTIONS)
+    assert results["dense"]["dead_channels"] == [None]
+    assert all(0 <= r["at_chance"] <= 1 for r in results.values())
+    assert "ln 10 = 2.303" in readme
+
+
+def test_dead_class_channels_finds_a_dead_relu(data_dir):
+    model = create_model("nin_compact", batch_norm=False, final_relu=True)
+    last_conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+    with torch.no_grad():
+        last_conv.bias[:4] = -1e6  # four class maps that can never be positive
+    config = make_config("compact", data_dir=str(data_dir), test_subset=200, amp=False)
+    assert ex.dead_class_channels(model, config) >= 4
+    assert ex.dead_class_channels(create_model("nin_compact", head="dense"), config) is None
+
+
+def test_tuning_searches_on_validation_and_tests_at_the_end(tmp_path, tiny, data_dir):
+    readme, lines = run(["tuning"], tmp_path, data_dir)
+    results = json.loads((tmp_path / "tuning.json").read_text())["results"]
+    assert len(results["trials"]) == 2  # the tiny grid: batch norm off and on
+    assert all("val_acc" in t for t in results["trials"])
+    assert set(results["finals"]) == {"chapter", "best found"}
+    # Grid trials report validation accuracy; nothing in the search reads the test split.
+    search = [line for line in lines if "batch_norm" in line]
+    assert search and all("val acc" in line for line in search)
+    assert "validation split of the last 256 training images" in readme
+
+
+def test_gap_reports_train_test_gap(tmp_path, tiny, data_dir):
+    run(["gap"], tmp_path, data_dir)
+    results = json.loads((tmp_path / "gap.json").read_text())["results"]
+    gap, dense = results["global average pooling"], results["dense"]
+    assert dense["parameters"] > gap["parameters"]
+    for r in (gap, dense):
+        assert math.isclose(r["gap"][0], r["train_acc"][0] - r["test_acc"][0])
+        assert len(r["curves"][0]) == 2
+
+
+def test_readme_is_rebuilt_from_every_section(tmp_path):
+    ex.run_exercises(["linear"], tmp_path, log=lambda line: None)
+    (tmp_path / "gap.json").write_text(
+        json.dumps({"title": "T", "markdown": "M", "command": "c", "date": "d",
+                    "machine": "m", "minutes": 1})
+    )  # fmt: skip
+    text = ex.write_readme(tmp_path).read_text()
+    assert text.index("1×1 convolution") < text.index("## T")
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(NinError, match="unknown exercise 'nope'"):
+        ex.run_exercises(["nope"], tmp_path)
+    with pytest.raises(NinError, match="--seeds must be at least 1"):
+        ex.run_exercises(["linear"], tmp_path, seeds=0)
+
+
+def test_statistics_helpers():
+    assert ex.pm([0.9, 0.92]) == "91.00 ± 1.41"
+    assert ex.differs([0.9, 0.91, 0.9], [0.5, 0.51, 0.5])
+    assert not ex.differs([0.9, 0.95], [0.91, 0.94])
