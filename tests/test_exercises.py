@@ -71,7 +71,7 @@ def test_reduction_counts_chance_runs_and_dead_maps(tmp_path, tiny, data_dir):
     readme, _ = run(["reduction"], tmp_path, data_dir)
     results = json.loads((tmp_path / "reduction.json").read_text())["results"]
     assert set(results) == set(ex.REDUCTIONS)
-    assert results["dense"]["dead_channels"] == [None]
+    assert results["dense"]["dead_channels"] == results["no final ReLU"]["dead_channels"] == [None]
     assert all(0 <= r["at_chance"] <= 1 for r in results.values())
     assert "ln 10 = 2.303" in readme
 
@@ -84,6 +84,8 @@ def test_dead_class_channels_finds_a_dead_relu(data_dir):
     config = make_config("compact", data_dir=str(data_dir), test_subset=200, amp=False)
     assert ex.dead_class_channels(model, config) >= 4
     assert ex.dead_class_channels(create_model("nin_compact", head="dense"), config) is None
+    bare = create_model("nin_compact", batch_norm=False, final_relu=False)
+    assert ex.dead_class_channels(bare, config) is None  # bare logits cannot die
 
 
 def test_tuning_searches_on_validation_and_tests_at_the_end(tmp_path, tiny, data_dir):
@@ -129,3 +131,5 @@ def test_statistics_helpers():
     assert ex.pm([0.9, 0.92]) == "91.00 ± 1.41"
     assert ex.differs([0.9, 0.91, 0.9], [0.5, 0.51, 0.5])
     assert not ex.differs([0.9, 0.95], [0.91, 0.94])
+    assert not ex.differs([0.9], [0.1])  # one seed: no noise estimate, no claim
+    assert ex.noise([0.9], [0.1]) == "one seed: no estimate of the noise"

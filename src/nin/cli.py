@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<time>-<preset>)")
     p.add_argument("--train-subset", type=int, help="train on the first N examples only")
     p.add_argument("--test-subset", type=int, help="test on the first N examples only")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        help="validate on the last N training examples instead of reading the test split",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

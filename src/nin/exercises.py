@@ -119,10 +119,22 @@ def pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
 
 
 def differs(a: list[float], b: list[float]) -> bool:
-    """Whether two sets of seeds differ by more than twice the standard error of the difference."""
+    """Whether two sets of seeds differ by more than twice the standard error of the difference.
+
+    False with fewer than two seeds on either side: one run gives no estimate of the noise.
+    """
+    if min(len(a), len(b)) < 2:
+        return False
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
     return abs(ma - mb) > 2 * se
+
+
+def noise(a: list[float], b: list[float]) -> str:
+    """'beyond seed noise', 'within seed noise', or why there is no telling."""
+    if min(len(a), len(b)) < 2:
+        return "one seed: no estimate of the noise"
+    return "beyond seed noise" if differs(a, b) else "within seed noise"
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
@@ -179,12 +191,21 @@ def split_accuracy(model: nn.Module, config: TrainConfig, split: str) -> float:
     return accuracy(evaluate(model, loader, num_classes, config.amp))
 
 
-def new_figure(width: float = 6.0, height: float = 3.6, ncols: int = 1):
+def new_figure(width: float = 6.0, height: float = 3.6):
     """A matplotlib Figure and its axes, without pyplot (the caller's backend is left alone)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=120)
-    return fig, fig.subplots(1, ncols)
+    return fig, fig.subplots()
+
+
+def finish_figure(fig, ax, path: Path, title: str = "", legend_size: int = 8) -> None:
+    """Grid, legend and title in the house style, then write the PNG."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    if title:
+        ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
 
 
 # --- Exercise 3: resources ------------------------------------------------------------------
@@ -276,20 +297,39 @@ def exercise_resources(ctx: Context) -> Section:
             f"training peak {d_train / a.training_peak:+.1%}, inference peak "
             f"{d_inf / a.inference_peak:+.1%} measured vs analytic."
         )
+    below = [
+        f"{r.model} ×{r.batch_size}"
+        for r in reports
+        if r.measured and r.measured.training_peak < r.analytic.training_peak
+    ]
     largest_conv = max(
         p.numel() * p.element_size() for p in create_model("nin_d2l").parameters() if p.dim() == 4
     )
     md += [
         "",
         "Why the peaks differ from the sums. The analytic training figure adds every saved "
-        "activation to every gradient, but the backward pass frees each saved activation once "
-        "its layer is done while it allocates the weight gradients, so the two never all "
-        "coexist (measured below analytic); on the other side it leaves out temporaries: the "
-        "gradient of the activation being back-propagated, and on the CPU, oneDNN's copy of a "
-        "convolution's weights into its blocked layout on each call (nin_d2l's largest "
-        f"convolution weight is {format_bytes(largest_conv)}), which is also why the measured "
-        "inference peak sits above weights + largest live activations. At batch 128 the saved "
-        "activations dominate training memory; at batch 1 the weights do.",
+        "activation to every gradient as if all were alive at once, but the backward pass frees "
+        "each saved activation once its layer is done while it allocates the weight gradients, "
+        "which pulls the real peak below the sum"
+        + (f" ({', '.join(below)})" if below else "")
+        + "; it also leaves out temporaries, which push the peak above it: the gradient of the "
+        "activation being back-propagated, and"
+        + (
+            " the convolution library's workspaces."
+            if device.type != "cpu"
+            else " on the CPU oneDNN's reorders: a convolution copies its weights (nin_d2l's "
+            f"largest: {format_bytes(largest_conv)}) and often its input or output into its "
+            "blocked memory layout on each call. Those copies are also why every measured "
+            "inference peak sits above weights + largest live activations."
+        ),
+        "",
+        "Share of the analytic training memory held by saved activations: "
+        + ", ".join(
+            f"{r.model} ×{r.batch_size} {a.saved_activations / a.training_peak:.0%}"
+            for r, a in ((r, r.analytic) for r in reports)
+        )
+        + ". The batch size multiplies the activations and leaves weights, gradients and "
+        "optimizer state alone.",
         "",
         "<details><summary>Full reports (`nin resources`)</summary>",
         "",
@@ -320,9 +360,8 @@ def plot_resources(reports: list, path: Path) -> None:
     ax.set_xticks(list(x), labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("MiB (log scale)")
-    ax.legend(fontsize=7)
-    ax.set_title("training memory: analytic parts (left) vs measured peak (right)", fontsize=9)
-    save_figure(fig, path)
+    title = "training memory: analytic parts (left) vs measured peak (right)"
+    finish_figure(fig, ax, path, title, legend_size=7)
 
 
 # --- Exercise 2: remove a 1×1 convolution ---------------------------------------------------
@@ -368,8 +407,7 @@ def exercise_pointwise(ctx: Context) -> Section:
 
     def change(a: int, b: int) -> str:
         d = (mean_std(acc[b])[0] - mean_std(acc[a])[0]) * 100
-        verdict = "beyond seed noise" if differs(acc[a], acc[b]) else "within seed noise"
-        return f"{d:+.2f} points ({verdict})"
+        return f"{d:+.2f} points ({noise(acc[a], acc[b])})"
 
     best = max(acc, key=lambda n: mean_std(acc[n])[0])
     per_conv = variants[2]["parameters"] - variants[1]["parameters"]
@@ -393,9 +431,9 @@ def exercise_pointwise(ctx: Context) -> Section:
         "own ReLU: it mixes channels and adds a non-linearity without touching the spatial "
         f"layout. Going from the chapter's two to one changes test accuracy by {change(2, 1)}; "
         f"to none (each block a single convolution and ReLU, a plain CNN layer) by "
-        f"{change(2, 0)}; a third adds {change(2, 3)}. The second 1×1 convolution of each "
-        f"block costs {per_conv:,} parameters and "
-        f"{format_count(variants[2]['flops'] - variants[1]['flops'])}FLOPs per image. "
+        f"{change(2, 0)}; a third adds {change(2, 3)}. The chapter's second 1×1 convolutions "
+        f"cost {per_conv:,} parameters and "
+        f"{format_count(variants[2]['flops'] - variants[1]['flops'])}FLOPs per image in all. "
         f"Final training loss goes {', '.join(f'{loss[n]:.3f}' for n in (0, 1, 2, 3))} "
         "for 0 to 3 — "
         + (
@@ -426,10 +464,7 @@ def plot_mean_curves(curves: dict[str, list[list[float]]], path: Path, title: st
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    save_figure(fig, path)
+    finish_figure(fig, ax, path, title)
 
 
 # --- Exercise 4: 384×5×5 to 10×5×5 at once --------------------------------------------------
@@ -449,10 +484,16 @@ REDUCTIONS = {
 
 
 def dead_class_channels(model: nn.Module, config: TrainConfig) -> int | None:
-    """How many class maps are zero on every test image (their ReLU died); None without GAP."""
-    pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
-    if not pools:
+    """How many class maps are zero on every test image (their ReLU died).
+
+    None when no ReLU comes right before global average pooling (a dense head, or bare
+    logits): there is nothing that can die.
+    """
+    leaves = [m for m in model.modules() if not list(m.children())]
+    pools = [i for i, m in enumerate(leaves) if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not pools or not isinstance(leaves[pools[0] - 1], nn.ReLU):
         return None
+    pools = [leaves[pools[0]]]
     seen: list[torch.Tensor] = []
     handle = pools[0].register_forward_hook(
         lambda m, args, out: seen.append(args[0].float().amax(dim=(0, 2, 3)))
@@ -508,6 +549,7 @@ def exercise_reduction(ctx: Context) -> Section:
         and mean_std(r["test_acc"])[0] > mean_std(chapter["test_acc"])[0]
     ]
     dead_total = sum(d or 0 for d in chapter["dead_channels"])
+    width = create_model(ctx.scale.model)[-3][0].in_channels  # into the last block: 384 or 192
     md = [
         scale_line(ctx, "reduction")
         + " The chapter's recipe throughout: plain SGD, lr 0.1, batch 128, Xavier init.",
@@ -526,8 +568,8 @@ def exercise_reduction(ctx: Context) -> Section:
         "",
         "![test accuracy of every seed](reduction.png)",
         "",
-        "What goes wrong at once. The chapter's last block maps 384 (here "
-        f"{'192' if ctx.scale.model == 'nin_compact' else '384'}) channels straight to one "
+        "What goes wrong at once. The chapter's last block maps 384 "
+        f"{'' if width == 384 else f'(here {width}) '}channels straight to one "
         "channel per class, and every one of those ten maps passes through a ReLU before global "
         "average pooling. A class map whose pre-activation is negative on every pixel of every "
         "image outputs 0 and gets no gradient again: it is dead, and its class can only win when "
@@ -542,9 +584,9 @@ def exercise_reduction(ctx: Context) -> Section:
             else "No variant beat the chapter's block beyond seed noise at this budget without "
             "dead maps or chance runs."
         )
-        + " A narrow 10-channel bottleneck also throws information away in one step: the "
-        "3×3 convolution must compress a 384×3×3 neighbourhood into 10 numbers, where the "
-        "gradual and late heads keep a wide representation until the last 1×1 convolution.",
+        + f" The one-step reduction is also a bottleneck: the 3×3 convolution must compress "
+        f"a {width}×3×3 neighbourhood into 10 numbers, where the gradual and late heads reach "
+        "10 channels only at their last 1×1 convolution.",
     ]
     plot_seeds(
         {label: r["test_acc"] for label, r in results.items()},
@@ -563,10 +605,7 @@ def plot_seeds(values: dict[str, list[float]], path: Path, title: str) -> None:
     ax.axhline(0.1, color="red", linestyle=":", label="chance (10%)")
     ax.set_xticks(range(len(values)), list(values), fontsize=7)
     ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    save_figure(fig, path)
+    finish_figure(fig, ax, path, title)
 
 
 # --- Exercise 1: tune hyper-parameters ------------------------------------------------------
@@ -654,8 +693,7 @@ def exercise_tuning(ctx: Context) -> Section:
         f"The best setting found scores {best_m * 100:.2f}% on the test split against "
         f"{chapter_m * 100:.2f}% for the chapter's at the same budget "
         f"({(best_m - chapter_m) * 100:+.2f} points, "
-        f"{'beyond' if differs(finals['chapter'], finals['best found']) else 'within'} seed "
-        "noise). " + batch_norm_finding(trials),
+        f"{noise(finals['chapter'], finals['best found'])}). " + marginal_effects(trials),
     ]
     plot_tuning(trials, ctx.out / "tuning.png")
     return Section(
@@ -663,20 +701,20 @@ def exercise_tuning(ctx: Context) -> Section:
     )
 
 
-def batch_norm_finding(trials: list[dict[str, Any]]) -> str:
-    """One sentence on batch norm from the grid: the mean validation accuracy with and without."""
-    on = [t["val_acc"] for t in trials if t["batch_norm"]]
-    off = [t["val_acc"] for t in trials if not t["batch_norm"]]
+def marginal_effects(trials: list[dict[str, Any]]) -> str:
+    """Mean validation accuracy at each value of each hyper-parameter, largest effect first."""
+    spreads = []
+    for key in GRID:
+        means = {
+            v: statistics.fmean(t["val_acc"] for t in trials if t[key] == v) for v in GRID[key]
+        }
+        spread = max(means.values()) - min(means.values())
+        levels = ", ".join(f"{v}: {m * 100:.1f}%" for v, m in means.items())
+        spreads.append((spread, f"{key.replace('_', ' ')} ({levels})"))
+    spreads.sort(reverse=True)
     return (
-        "Averaged over the rest of the grid, batch norm on gives "
-        f"{statistics.fmean(on) * 100:.1f}% "
-        f"validation accuracy and off {statistics.fmean(off) * 100:.1f}%: "
-        + (
-            "the largest single lever at this budget, since it lets plain SGD leave the "
-            "chance-level plateau the un-normalised network starts on."
-            if statistics.fmean(on) > statistics.fmean(off)
-            else "batch norm does not help at this budget."
-        )
+        "Mean validation accuracy at each value, averaged over the rest of the grid, from the "
+        "most to the least influential: " + "; ".join(text for _, text in spreads) + "."
     )
 
 
@@ -695,9 +733,7 @@ def plot_tuning(trials: list[dict[str, Any]], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("best validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
+    finish_figure(fig, ax, path, legend_size=7)
 
 
 # --- Idea: a 1×1 convolution is a per-pixel fully connected layer ---------------------------
@@ -817,15 +853,16 @@ def exercise_gap(ctx: Context) -> Section:
         "",
         f"The dense head adds {dense_head['parameters'] - gap_head['parameters']:,} parameters "
         f"({dense_head['parameters'] / gap_head['parameters']:.1f}× the GAP network). "
-        f"The {more} head overfits more: its train − test gap is larger by "
-        f"{abs(mean_std(dense_head['gap'])[0] - mean_std(gap_head['gap'])[0]) * 100:.2f} points "
-        f"({'beyond' if differs(dense_head['gap'], gap_head['gap']) else 'within'} seed noise). "
+        f"Train − test gap: {pm(gap_head['gap'])} points with global average pooling, "
+        f"{pm(dense_head['gap'])} with the dense head "
+        f"(larger for {more}; {noise(dense_head['gap'], gap_head['gap'])}). "
         f"Test accuracy: {pm(gap_head['test_acc'])}% with global average pooling vs "
         f"{pm(dense_head['test_acc'])}% dense "
-        f"({'beyond' if differs(gap_head['test_acc'], dense_head['test_acc']) else 'within'} "
-        "seed noise). Global average pooling has no weights of its own: each class map is "
-        "averaged into its logit, so the last NiN block must make class maps, and there is "
-        "nothing left to memorise the training set with.",
+        f"({noise(gap_head['test_acc'], dense_head['test_acc'])}). Global average pooling has "
+        "no weights of its own: each class map is averaged into its logit, so the last NiN "
+        "block must make class maps; the paper calls it a structural regulariser, where a "
+        "dense head adds parameters that can memorise the "
+        "training set.",
     ]
     plot_mean_curves(
         {label: r["curves"] for label, r in results.items()},
@@ -852,10 +889,15 @@ def scale_line(ctx: Context, exercise: str) -> str:
     subset, epochs = ctx.scale.budgets[exercise]
     recipe = "the chapter's" if exercise in ("reduction", "tuning") else ctx.scale.recipe
     data = f"the first {subset:,} training images" if subset else "the full training split"
+    plural = {
+        "epochs": "epoch" if epochs == 1 else "epochs",
+        "seeds": "seed" if ctx.seeds == 1 else "seeds",
+    }
     size = f"{ctx.scale.resize}×{ctx.scale.resize}" if ctx.scale.resize else "28×28"
     return (
-        f"*Scale: {ctx.scale.model} at {size}, {data}, {epochs} epochs, {recipe} recipe, "
-        f"{ctx.seeds} seeds; accuracy on the full 10,000-image test split unless stated.*"
+        f"*Scale: {ctx.scale.model} at {size}, {data}, {epochs} {plural['epochs']}, {recipe} "
+        f"recipe, {ctx.seeds} {plural['seeds']}; accuracy on the full 10,000-image test split "
+        "unless stated.*"
     )
 
 
