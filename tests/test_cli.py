@@ -41,6 +41,12 @@ def test_models_lists_the_registry():
         (["summary", "nin_d2l", "--input-size", "1", "28", "28"], "cannot take input"),
         (["train", "--epochs", "0"], "--epochs must be at least 1"),
         (["eval", "/nonexistent/run"], "not found"),
+        (["resources", "nin_d2l", "--input-size", "1", "28", "28"], "cannot take input"),
+        (["resources", "nin_compact", "--batch-size", "0"], "--batch-size must be positive"),
+        (["resources", "nin_x"], "unknown model 'nin_x'"),
+        (["exercises", "nope"], "unknown exercise 'nope'"),
+        (["exercises", "linear", "--seeds", "0"], "--seeds must be at least 1"),
+        (["exercises", "linear", "--out", "/proc/nin-exercises"], "cannot write to"),
     ],
 )
 def test_bad_input_gets_one_line_error(args, message):
@@ -68,3 +74,18 @@ def test_train_then_eval(tmp_path):
     # The reloaded checkpoint scores what training reported on the same images.
     reloaded = float(re.search(r"test acc ([\d.]+)", evaluated).group(1))
     assert abs(reloaded - float(summary.group(1))) <= 0.0005
+
+
+def test_resources_prints_analytic_beside_measured():
+    out = nin("resources", "nin_compact", "--batch-size", "1", "4").stdout
+    assert out.count("nin_compact, input") == 2 and "input 4×1×28×28" in out
+    assert "324,874" in out and "saved activations" in out and "not measured" not in out
+    assert "USDT" not in out
+
+
+def test_exercises_writes_its_readme(tmp_path):
+    result = nin("exercises", "linear", "--out", str(tmp_path))
+    assert result.stdout.strip() == str(tmp_path / "README.md")
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Idea: a 1×1 convolution is a fully connected layer per pixel" in readme
+    assert "`nin exercises linear --seeds 3`" in readme

@@ -73,7 +73,7 @@ def test_reduction_counts_chance_runs_and_dead_maps(tmp_path, tiny, data_dir):
     assert set(results) == set(ex.REDUCTIONS)
     assert results["dense"]["dead_channels"] == results["no final ReLU"]["dead_channels"] == [None]
     assert all(0 <= r["at_chance"] <= 1 for r in results.values())
-    assert "ln 10 = 2.303" in readme
+    assert "ln 10 = 2.303" in readme and "(here 192)" in readme
 
 
 def test_dead_class_channels_finds_a_dead_relu(data_dir):
@@ -110,14 +110,22 @@ def test_gap_reports_train_test_gap(tmp_path, tiny, data_dir):
         assert len(r["curves"][0]) == 2
 
 
-def test_readme_is_rebuilt_from_every_section(tmp_path):
+def test_readme_is_rebuilt_from_the_saved_results(tmp_path):
     ex.run_exercises(["linear"], tmp_path, log=lambda line: None)
-    (tmp_path / "gap.json").write_text(
-        json.dumps({"title": "T", "markdown": "M", "command": "c", "date": "d",
-                    "machine": "m", "minutes": 1})
-    )  # fmt: skip
-    text = ex.write_readme(tmp_path).read_text()
-    assert text.index("1×1 convolution") < text.index("## T")
+    saved = json.loads((tmp_path / "linear.json").read_text())
+    saved["results"]["max_abs_difference"] = 0.5  # the README shows what the results say
+    (tmp_path / "linear.json").write_text(json.dumps(saved))
+    (tmp_path / "README.md").unlink()
+    text = ex.run_exercises([], tmp_path, rebuild=True).read_text()
+    assert "**5.00e-01**" in text and "float32 rounding" not in text
+    (tmp_path / "linear.json").write_text("{broken")
+    with pytest.raises(NinError, match="rerun `nin exercises linear`"):
+        ex.write_readme(tmp_path)
+
+
+def test_rebuild_without_results_is_refused(tmp_path):
+    with pytest.raises(NinError, match="no saved exercise results"):
+        ex.run_exercises([], tmp_path, rebuild=True)
 
 
 def test_bad_arguments_are_refused(tmp_path):

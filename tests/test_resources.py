@@ -123,6 +123,15 @@ def test_analytic_memory_matches_measurement(name, kwargs, size):
     assert measured.inference_peak < measured.training_peak
 
 
+def test_measuring_leaves_the_model_as_it_was():
+    model = nin.create_model("nin_compact").eval()
+    before = [t.clone() for t in model.state_dict().values()]
+    measure_memory(model, (1, 28, 28), 2, "momentum")
+    training_flops(model, (1, 28, 28))
+    assert not model.training
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values(), strict=True))
+
+
 def test_optimizer_state_scales_with_the_optimizer():
     model = nin.create_model("nin_compact")
     sizes = {

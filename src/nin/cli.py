@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import Any
 
 from nin import __version__
 from nin.errors import NinError
@@ -21,7 +22,7 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"{name:<14} {size:<11} {params:>11,} params  {info.description}")
 
 
-def model_for_input(args: argparse.Namespace) -> tuple:
+def model_for_input(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], list[Any]]:
     """The model `args.model` built for `args.input_size` (default: the model's own), checked."""
     from nin.models import create_model, model_info
     from nin.resources import summarize
@@ -123,7 +124,14 @@ def cmd_exercises(args: argparse.Namespace) -> None:
     from nin.exercises import main_log, run_exercises
 
     readme = run_exercises(
-        args.names, Path(args.out), args.seeds, args.full, args.data_dir, args.device, main_log
+        args.names,
+        Path(args.out),
+        args.seeds,
+        args.full,
+        args.data_dir,
+        args.device,
+        main_log,
+        rebuild=args.rebuild,
     )
     print(readme)
 
@@ -214,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/exercises", help="default docs/exercises")
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
     p.add_argument("--full", action="store_true", help="the chapter's scale (a GPU's work)")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="run nothing: render README.md and the plots again from the saved results",
+    )
     p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.set_defaults(func=cmd_exercises)

@@ -82,6 +82,9 @@ def classifier_head(
     - "late" (the paper's CIFAR net): keep the width, reach the classes at the last 1×1.
     - "dense": flatten the C×`spatial`×`spatial` maps into two fully connected layers
       (`dense_hidden` units, ReLU, dropout 0.5), as AlexNet and VGG end.
+
+    `num_pointwise` shapes the "direct" head only ("gradual" and "late" always have two 1×1
+    convolutions); `batch_norm` and `final_relu` do not apply to "dense".
     """
     c = in_channels
     if head == "dense":

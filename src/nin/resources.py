@@ -7,10 +7,11 @@ as two FLOPs); a layer's count is the counter's total after it ran minus the tot
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -123,15 +124,20 @@ def format_summary(rows: list[LayerRow], title: str = "") -> str:
 OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
 
 
-def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+def check_optimizer(name: str) -> None:
+    """A clear error for an optimizer `nin resources` does not know."""
+    if name not in OPTIMIZER_SLOTS:
+        raise NinError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZER_SLOTS)}")
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """The optimizer `name` (sgd: the chapter's plain SGD; momentum; adam) over `params`."""
+    check_optimizer(name)
     if name == "sgd":
         return torch.optim.SGD(params, lr=0.1)
     if name == "momentum":
         return torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3)
-    raise NinError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZER_SLOTS)}")
+    return torch.optim.Adam(params, lr=1e-3)
 
 
 @dataclass
@@ -164,6 +170,11 @@ class Resources:
     measured: Memory | None  # None where the device gives no way to measure
     layers: list[tuple[str, str, int]]  # (layer, kind, saved activation bytes) analytic
     device: str
+
+
+def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Total bytes of some tensors."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def element_bytes(dtype: torch.dtype) -> int:
@@ -260,15 +271,17 @@ def formula_flops(model: nn.Module, rows: list[LayerRow]) -> tuple[int, int]:
 
 
 def training_flops(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1) -> int:
-    """FLOPs of one training step's forward and backward pass, counted by `FlopCounterMode`."""
+    """FLOPs of one training step's forward and backward pass, counted by `FlopCounterMode`.
+
+    It runs on a copy in training mode, so `model` (its batch-norm statistics, its gradients,
+    its mode) is left as it was.
+    """
+    model = copy.deepcopy(model).train()
     param = next(model.parameters())
     x = torch.zeros(batch_size, *input_size, dtype=param.dtype, device=param.device)
     counter = FlopCounterMode(display=False)
-    was_training = model.train().training
     with counter:
         model(x).sum().backward()
-    model.train(was_training)
-    model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
@@ -284,8 +297,8 @@ def analytic_memory(
     param = next(model.parameters())
     element = element_bytes(param.dtype)
     rows = summarize(model, input_size, batch_size)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    weight_bytes = nbytes(model.parameters())
+    buffer_bytes = nbytes(model.buffers())
     input_bytes = batch_size * math.prod(input_size) * element
     mask_element = 1 if param.device.type == "cuda" else element
     layers, live_peak = saved_by_layer(model, rows, input_bytes, element, mask_element)
@@ -310,11 +323,14 @@ def measure_memory(
 ) -> Memory | None:
     """Memory measured on a real training step and a real inference pass on the model's device.
 
-    Saved activations: every tensor autograd packs for the backward pass (a saved-tensors hook),
-    each storage counted once, weights left out. Peaks: `torch.cuda.max_memory_allocated` on a
-    GPU; on the CPU, the PyTorch profiler's allocation and free events in time order, added to
-    the bytes already alive when the step starts. None where neither is available.
+    Gradients and optimizer state are read from the tensors after a step. Saved activations:
+    every tensor autograd packs for the backward pass (a saved-tensors hook), each storage
+    counted once, weights left out. Peaks: `torch.cuda.max_memory_allocated` on a GPU; on the
+    CPU, the PyTorch profiler's allocation and free events in time order, added to the bytes
+    already alive when the step starts. None where neither is available. The steps run on a
+    copy: `model` is left as it was.
     """
+    model = copy.deepcopy(model)
     param = next(model.parameters())
     device = param.device
     x = torch.rand(batch_size, *input_size, dtype=param.dtype, device=device)
@@ -336,23 +352,20 @@ def measure_memory(
 
     model.train()
     step()  # warm-up: creates the optimizer state, as in any step after the first
+    grad_bytes = nbytes(p.grad for p in model.parameters() if p.grad is not None)
     opt.zero_grad(set_to_none=True)
-    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.cross_entropy(model(x), y)
-    state_bytes = sum(
-        t.numel() * t.element_size()
-        for s in opt.state.values()
-        for t in s.values()
-        if torch.is_tensor(t) and t.dim() > 0
+    state_bytes = nbytes(
+        t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
     )
-    weight_bytes = sum(t.numel() * t.element_size() for t in state)
-    alive = weight_bytes + state_bytes + x.numel() * x.element_size() + y.numel() * 8
+    weight_bytes = nbytes(state)
+    alive = weight_bytes + state_bytes + nbytes([x, y])
     training_peak = peak_bytes(step, device, alive)
     opt.zero_grad(set_to_none=True)
     opt.state.clear()
     model.eval()
-    alive = weight_bytes + x.numel() * x.element_size()
+    alive = weight_bytes + nbytes([x])
 
     def forward() -> None:
         with torch.inference_mode():
@@ -419,10 +432,7 @@ def measure_resources(
     optimizer: str = "sgd",
 ) -> Resources:
     """Parameters, FLOPs and memory (analytic beside measured) of `model` at one batch size."""
-    if optimizer not in OPTIMIZER_SLOTS:
-        raise NinError(
-            f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZER_SLOTS)}"
-        )
+    check_optimizer(optimizer)
     rows = summarize(model, input_size)
     forward = sum(r.flops for r in leaf_rows(rows))
     formula_forward, formula_training = formula_flops(model, rows)

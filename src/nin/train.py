@@ -222,7 +222,10 @@ def accuracy(confusion: torch.Tensor) -> float:
 
 
 def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train as `config` says; write checkpoint, metrics and curves; return the final metrics."""
+    """Train as `config` says; write checkpoint, metrics and curves.
+
+    Returns the final metrics, the per-epoch history, the run directory and the trained model.
+    """
     device, why = pick_device(config.device)
     log(
         f"nin: preset {config.preset} ({PRESET_NOTES[config.preset]}) on {device} ({why}); "
