@@ -786,9 +786,8 @@ def marginal_effects(trials: list[dict[str, Any]]) -> str:
     """Mean validation accuracy at each value of each hyper-parameter, largest effect first."""
     spreads = []
     for key in GRID:
-        means = {
-            v: statistics.fmean(t["val_acc"] for t in trials if t[key] == v) for v in GRID[key]
-        }
+        values = sorted({t[key] for t in trials})  # the grid that ran, not today's GRID
+        means = {v: statistics.fmean(t["val_acc"] for t in trials if t[key] == v) for v in values}
         spread = max(means.values()) - min(means.values())
         levels = ", ".join(f"{v}: {m * 100:.1f}%" for v, m in means.items())
         spreads.append((spread, f"{key.replace('_', ' ')} ({levels})"))
@@ -802,7 +801,8 @@ def marginal_effects(trials: list[dict[str, Any]]) -> str:
 def plot_tuning(trials: list[dict[str, Any]], path: Path) -> None:
     """Validation accuracy against learning rate, by batch size and batch norm."""
     fig, ax = new_figure()
-    for bn, batch in itertools.product((False, True), GRID["batch_size"]):
+    batches = sorted({t["batch_size"] for t in trials})
+    for bn, batch in itertools.product((False, True), batches):
         pts = [t for t in trials if t["batch_norm"] == bn and t["batch_size"] == batch]
         ax.scatter(
             [t["lr"] for t in pts],
@@ -1080,8 +1080,14 @@ def write_readme(out: Path) -> Path:
         ),  # fmt: skip
     ]
     for name, s in sections.items():
-        ctx = Context(SCALES[s["scale"]], s["seeds"], out)
-        markdown = EXERCISES[name].render(s["results"], ctx)
+        try:
+            ctx = Context(SCALES[s["scale"]], s["seeds"], out)
+            markdown = EXERCISES[name].render(s["results"], ctx)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise NinError(
+                f"cannot render {out / (name + '.json')}: its results are incomplete ({e!r}); "
+                f"rerun `nin exercises {name}`"
+            ) from None
         lines += ["", f"## {s['title']}", "", markdown]
     path = out / "README.md"
     with atomic_path(path) as tmp:
