@@ -250,6 +250,7 @@ def plot_mean_curves(curves: dict[str, list[list[float]]], path: Path, title: st
         epochs = range(1, t.shape[1] + 1)
         ax.plot(epochs, mean, marker="o", label=label)
         ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set_xticks(list(epochs))
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     finish_figure(fig, ax, path, title)
@@ -438,23 +439,26 @@ def render_resources(results: dict[str, Any], ctx: Context) -> str:
 
 
 def plot_resources(reports: list[Resources], path: Path) -> None:
-    """Stacked analytic memory beside the measured peak, per model and batch size."""
-    fig, ax = new_figure(7, 3.6)
-    labels = [f"{r.model}\n×{r.batch_size}" for r in reports]
+    """Per model and batch size: the analytic parts stacked, beside the measured peak."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.4), dpi=120)
+    axes = fig.subplots(1, len(reports))
     parts = ("weights", "gradients", "optimizer_state", "saved_activations")
-    x = range(len(reports))
-    bottom = [0.0] * len(reports)
-    for part in parts:
-        values = [getattr(r.analytic, part) / 2**20 for r in reports]
-        ax.bar([i - 0.2 for i in x], values, 0.4, bottom=bottom, label=part.replace("_", " "))
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    measured = [r.measured.training_peak / 2**20 if r.measured else 0 for r in reports]
-    ax.bar([i + 0.2 for i in x], measured, 0.4, color="gray", label="measured training peak")
-    ax.set_xticks(list(x), labels, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("MiB (log scale)")
-    title = "training memory: analytic parts (left) vs measured peak (right)"
-    finish_figure(fig, ax, path, title, legend_size=7)
+    for ax, r in zip(axes, reports, strict=True):
+        bottom = 0.0
+        for part in parts:
+            value = getattr(r.analytic, part) / 2**20
+            ax.bar(0, value, 0.6, bottom=bottom, label=part.replace("_", " "))
+            bottom += value
+        if r.measured:
+            ax.bar(1, r.measured.training_peak / 2**20, 0.6, color="gray", label="measured peak")
+        ax.set_xticks([0, 1], ["analytic", "measured"], fontsize=7)
+        ax.set_title(report_label(r), fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[0].set_ylabel("training memory, MiB")
+    axes[0].legend(fontsize=6)
+    save_figure(fig, path)
 
 
 # --- Exercise 2: remove a 1×1 convolution ---------------------------------------------------
@@ -811,6 +815,9 @@ def plot_tuning(trials: list[dict[str, Any]], path: Path) -> None:
             label=f"batch {batch}, batch norm {'on' if bn else 'off'}",
         )
     ax.set_xscale("log")
+    rates = sorted({t["lr"] for t in trials})
+    ax.set_xticks(rates, [str(r) for r in rates])
+    ax.minorticks_off()
     ax.set_xlabel("learning rate")
     ax.set_ylabel("best validation accuracy")
     finish_figure(fig, ax, path, legend_size=7)
