@@ -163,3 +163,92 @@ def test_holdout_larger_than_the_split_is_refused(data_dir, tmp_path):
         make_loader(config, "train", torch.device("cpu"))
     with pytest.raises(NinError, match="--holdout must be 0 or more"):
         make_config("compact", holdout=-1)
+
+
+# --- The fast path: same numbers as the plain path, no host sync per step, collapse caught ----
+
+
+def test_fast_path_follows_the_plain_paths_loss(data_dir):
+    from nin.data import load_split
+    from nin.models import create_model
+    from nin.train import train_step
+
+    images, labels = load_split("fashion-mnist", "train", str(data_dir))
+    x, y = images[:512].float().div(255), labels[:512].long()
+    losses = {}
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = place_model(create_model("nin_compact"), torch.device("cpu"), channels_last=fast)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        batch = x.contiguous(memory_format=torch.channels_last) if fast else x
+        losses[fast] = []
+        for step in range(6):
+            part = slice(step * 64, (step + 1) * 64)
+            logits = train_step(
+                model, batch[part], y[part], optimizer, torch.nn.CrossEntropyLoss(), amp=fast
+            )
+            losses[fast].append(torch.nn.functional.cross_entropy(logits.float(), y[part]).item())
+    # bfloat16 autocast and channels-last change rounding, not the trajectory.
+    assert losses[True] == pytest.approx(losses[False], rel=0.03)
+    assert losses[False][-1] < losses[False][0]
+
+
+def count_host_reads(monkeypatch) -> list[str]:
+    """Record every tensor-to-host read (item, tolist, cpu) made from now on."""
+    reads = []
+    for name in ("item", "tolist", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return reads
+
+
+def test_no_host_sync_per_step(data_dir, tmp_path, monkeypatch):
+    counts = {}
+    for steps in (4, 8):
+        config = make_config(
+            "compact", data_dir=str(data_dir), out=str(tmp_path / str(steps)),
+            train_subset=128 * steps, test_subset=256, epochs=1, batch_size=128,
+        )  # fmt: skip
+        with monkeypatch.context() as patch:
+            reads = count_host_reads(patch)
+            train(config, log=lambda line: None)
+        counts[steps] = len(reads)
+    # Reads happen per epoch (metrics, checkpoint), never per step: twice the steps, same count.
+    assert counts[4] == counts[8] > 0
+
+
+def test_collapse_stops_the_run_early_with_a_clear_message(data_dir, tmp_path, monkeypatch):
+    import nin.train
+    from nin.models import create_model
+
+    def dead_model(name, **kwargs):
+        model = create_model("nin_compact", batch_norm=False, final_relu=True, **kwargs)
+        last_conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        with torch.no_grad():
+            last_conv.bias.fill_(-1e4)  # the ReLU before pooling is dead from the start
+        return model
+
+    monkeypatch.setattr(nin.train, "create_model", dead_model)
+    config = make_config(
+        "compact", data_dir=str(data_dir), out=str(tmp_path), train_subset=2560,
+        test_subset=256, epochs=3, batch_size=256, collapse_steps=4,
+    )  # fmt: skip
+    message = r"collapsed in epoch 1: every logit has been equal for the last 4 steps.*ln 10"
+    with pytest.raises(NinError, match=message):
+        train(config, log=lambda line: None)
+    assert (tmp_path / "metrics.jsonl").read_text() == ""  # stopped inside the first epoch
+
+
+def test_collapse_watch_needs_consecutive_flat_steps():
+    from nin.train import CollapseWatch
+
+    watch = CollapseWatch(steps=4, device=torch.device("cpu"), window=2)
+    flat, alive = torch.zeros(8, 10), torch.randn(8, 10)
+    assert [watch.update(t) for t in (flat, flat, alive, flat, flat, flat)] == [False] * 6
+    assert watch.update(flat) is False and watch.update(flat) is True
+    assert CollapseWatch(steps=0, device=torch.device("cpu")).update(flat) is False

@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="validate on the last N training examples instead of reading the test split",
     )
+    p.add_argument(
+        "--collapse-steps",
+        type=int,
+        help="stop once every logit has been equal this many steps (default 100; 0: never)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

@@ -183,6 +183,7 @@ def recipe_config(ctx: Context, recipe: str, exercise: str, **overrides: Any) ->
         device=ctx.device,
         amp=True,
         channels_last=True,
+        collapse_steps=0,  # collapses are counted here, not stopped
     )
     kwargs = {**values.get("model_kwargs", {}), **overrides.pop("model_kwargs", {})}
     return TrainConfig(**{**values, **overrides, "model_kwargs": kwargs})

@@ -58,6 +58,7 @@ class TrainConfig:
     out: str | None = None  # None: runs/<time>-<preset>
     train_subset: int | None = None  # use the first N training examples
     holdout: int = 0  # the last N training examples become a validation split; test is not read
+    collapse_steps: int = 100  # stop once every logit has been equal this many steps; 0: never
     test_subset: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -100,8 +101,11 @@ def make_config(preset: str = "compact", **overrides: Any) -> TrainConfig:
     config = TrainConfig(preset=preset, **values)
     model_info(config.model)
     dataset_spec(config.dataset)
-    if config.holdout < 0:
-        raise NinError(f"--holdout must be 0 or more, got {config.holdout}")
+    for name in ("holdout", "collapse_steps"):
+        if getattr(config, name) < 0:
+            raise NinError(
+                f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}"
+            )
     for name in ("epochs", "batch_size", "resize", "train_subset", "test_subset"):
         value = getattr(config, name)
         if value is not None and value < 1:
@@ -202,6 +206,64 @@ def check_input_size(model: nn.Module, loader: DeviceLoader, model_name: str) ->
         ) from None
 
 
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    amp: bool,
+) -> torch.Tensor:
+    """One optimisation step on a batch; returns the batch's logits, detached, for metrics."""
+    with autocast(x.device, amp):
+        logits = model(x)
+        loss = loss_fn(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits.detach()
+
+
+class CollapseWatch:
+    """Spots the chapter's collapse: every logit equal for every example, step after step.
+
+    When the ReLU before global average pooling dies, the network outputs the same logits
+    for every image, the loss sits at ln(classes) and no gradient can revive it. The widest
+    logit spread is kept on the device and read once per `window` steps, so watching costs no
+    host synchronisation per step.
+    """
+
+    def __init__(self, steps: int, device: torch.device, window: int = 50) -> None:
+        self.steps = steps
+        self.window = max(1, min(window, steps))
+        self.spread = torch.zeros((), device=device)
+        self.seen = 0
+        self.flat = 0  # consecutive steps with every logit equal
+
+    def update(self, logits: torch.Tensor) -> bool:
+        """Record one step's logits; True once the run has been flat for `steps` steps."""
+        if not self.steps:
+            return False
+        spread = (logits.max(1).values - logits.min(1).values).max().float()
+        self.spread = torch.maximum(self.spread, spread)
+        self.seen += 1
+        if self.seen % self.window:
+            return False
+        self.flat = self.flat + self.window if self.spread.item() == 0 else 0
+        self.spread.zero_()
+        return self.flat >= self.steps
+
+    def message(self, epoch: int, num_classes: int, lr: float) -> str:
+        """What happened and what to try, in one line."""
+        return (
+            f"training collapsed in epoch {epoch}: every logit has been equal for the last "
+            f"{self.flat} steps, so the loss is stuck at ln {num_classes} = "
+            f"{math.log(num_classes):.3f} with chance accuracy (the ReLU before global average "
+            f"pooling died and cannot recover); try a lower --lr (now {lr}), another --seed, "
+            "or --preset compact (batch norm, no ReLU before pooling)"
+        )
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module, loader: DeviceLoader, num_classes: int, amp: bool = False
@@ -286,6 +348,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     }
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
+    watch = CollapseWatch(config.collapse_steps, device)
     for epoch in range(1, config.epochs + 1):
         model.train()
         # Metrics accumulate on the device and are read once per epoch: no sync per step.
@@ -295,17 +358,14 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         # The bar shows on a terminal only (disable=None), so logs stay clean.
         bar = tqdm(train_loader, f"epoch {epoch}/{config.epochs}", leave=False, disable=None)
         for x, y in bar:
-            with autocast(device, config.amp):
-                logits = model(x)
-                loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            logits = train_step(model, x, y, optimizer, loss_fn, config.amp)
             if scheduler:
                 scheduler.step()
             # Report plain cross-entropy (as the chapter does), whatever the smoothing.
-            loss_sum += F.cross_entropy(logits.detach().float(), y, reduction="sum")
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
+            if watch.update(logits):
+                raise NinError(watch.message(epoch, num_classes, config.lr))
         n = train_loader.num_examples
         train_loss, train_acc = loss_sum.item() / n, correct.item() / n
         seconds = time.perf_counter() - start
