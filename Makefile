@@ -32,6 +32,7 @@ format: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/cpu_default.py
+	$(BIN)/python benchmarks/cpu_switches.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -13,25 +13,14 @@ import argparse
 import platform
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
+from report import cpu_name, write_section
 from torch import nn
 
 from nin.data import dataset_spec, load_split
 from nin.models import create_model
 from nin.train import make_config, train
-
-
-def cpu_name() -> str:
-    """The processor's model name, from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def on(flag: bool) -> str:
@@ -95,10 +84,8 @@ def main() -> None:
         for r in history
     )
     speed = result["examples_per_sec"]
-    text = f"""# Benchmarks
-
-Written by `python benchmarks/cpu_default.py` (`make benchmark`); every measured
-figure in the CPU sections comes from one run of it on {date.today():%Y-%m-%d}.
+    text = f"""Written by `python benchmarks/cpu_default.py` (`make benchmark`); every measured
+figure in this section comes from one run of it on {date.today():%Y-%m-%d}.
 
 ## CPU: the default preset (`nin train`), end to end
 
@@ -136,15 +123,9 @@ The `nin train` figure is averaged over all epochs, the first included, and coun
 preparation; the naive one is timed after warm-up on steps only, so the ratio is, if anything,
 an under-estimate.
 
-## GPU
-
-Not measured by this script. The chapter's setting (`--preset d2l`, 224×224) is meant for a GPU:
-on 2 CPU cores the chapter's own code runs about 18 images/s and `nin train --preset d2l` about
-30 (a one-epoch run on 256 images), 5–6 hours for the 10 epochs.
 """
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}")
+    write_section(args.out, "cpu-default", text)
+    print(f"wrote the cpu-default section of {args.out}")
 
 
 if __name__ == "__main__":

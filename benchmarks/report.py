@@ -1,0 +1,53 @@
+"""Shared by the benchmark scripts: where a run happened, and writing its section of a report.
+
+Each script owns one section of docs/benchmarks.md, between `<!-- begin NAME -->` and
+`<!-- end NAME -->`; rerunning a script replaces its section and leaves the others alone.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from nin.files import atomic_path
+
+
+def cpu_name() -> str:
+    """The processor's model name, from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> str:
+    """CPU, threads, GPU if any, torch and Python versions, in one line."""
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (
+        f"{cpu_name()}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def write_section(path: str | Path, name: str, markdown: str) -> None:
+    """Put `markdown` between the markers of section `name` in `path`, atomically."""
+    path = Path(path)
+    block = f"<!-- begin {name} -->\n{markdown.strip()}\n<!-- end {name} -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(
+        rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S
+    )
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else f"{text.rstrip()}\n\n{block}\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
