@@ -1,0 +1,299 @@
+"""GPU speed: the textbook pipeline vs ours on one GPU, in one run (the GPU section of
+docs/benchmarks.md).
+
+1. Reference: the chapter's pipeline as d2l runs it: per-sample PIL resize to 224 and
+   to-tensor in a DataLoader with 4 workers, fp32, NCHW, plain SGD, metrics read every batch.
+2. Ours, chapter preset: `--preset d2l` (same network, init and hyper-parameters) with the
+   fast path on: data resident on the GPU as uint8, resize and normalise there in batch,
+   bfloat16 autocast, channels-last, metrics read once per epoch.
+3. Ours, fast recipe: the compact preset (batch norm, one-cycle, label smoothing) at 28×28.
+Then the collapse count: the chapter's network over N seeds, and with the fix (no ReLU before
+global average pooling), each stopped by the collapse watch or after a few epochs.
+
+Images/s is wall clock including data, the median of the epochs after the first; MFU is
+training FLOPs per image (FlopCounterMode) × images/s ÷ the GPU's dense bfloat16 peak.
+
+    python benchmarks/gpu_speed.py [--data-dir DIR] [--epochs 10] [--collapse-seeds 10]
+    python benchmarks/gpu_speed.py --smoke        # tiny sizes on any device; prints, writes nothing
+    python benchmarks/gpu_speed.py --placeholder  # no GPU here: every GPU row "not measured"
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from datetime import date
+
+import numpy as np
+import torch
+from report import machine, write_section
+from torch import nn
+
+from nin.data import load_split
+from nin.errors import NinError
+from nin.models import create_model, model_info, xavier_init_
+from nin.resources import training_flops
+from nin.train import make_config, train
+
+# Dense bfloat16 tensor-core peaks, FLOP/s, from the vendors' data sheets.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+COLUMNS = [
+    "pipeline",
+    "images/s (median epoch)",
+    "10 epochs",
+    "test acc",
+    "peak GPU memory",
+    "MFU",
+    "ours ÷ reference",
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bfloat16 peak, or None for a GPU not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU, so wall-clock times are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TextbookDataset(torch.utils.data.Dataset):
+    """d2l's transforms, one image at a time: PIL resize to 224, then to a [0, 1] tensor."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int = 224) -> None:
+        self.images, self.labels, self.size = images[:, 0].numpy(), labels.numpy(), size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        image = Image.fromarray(self.images[i]).resize((self.size, self.size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
+        return x, int(self.labels[i])
+
+
+def reference(
+    data_dir: str | None, device: torch.device, epochs: int, subset: int | None, workers: int
+) -> dict:
+    """The textbook pipeline: train `epochs` epochs, time each, then test."""
+    images, labels = load_split("fashion-mnist", "train", data_dir)
+    test_images, test_labels = load_split("fashion-mnist", "test", data_dir)
+    images, labels = images[:subset], labels[:subset]
+    test_images, test_labels = test_images[:subset], test_labels[:subset]
+
+    def loader(x, y, shuffle):
+        return torch.utils.data.DataLoader(
+            TextbookDataset(x, y), batch_size=128, shuffle=shuffle, num_workers=workers
+        )
+
+    torch.manual_seed(0)
+    model = xavier_init_(create_model("nin_d2l")).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        total_loss = correct = 0.0
+        for x, y in loader(images, labels, True):
+            x, y = x.to(device), y.to(device)
+            y_hat = model(x)
+            loss = loss_fn(y_hat, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            # d2l's Accumulator: metrics read back to the host after every batch.
+            total_loss += loss.item() * len(y)
+            correct += (y_hat.argmax(1) == y).sum().item()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for x, y in loader(test_images, test_labels, False):
+            right += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+    return {
+        "epoch_seconds": seconds,
+        "images": len(labels),
+        "test_acc": right / len(test_labels),
+        "peak_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+
+
+def ours(preset: str, data_dir: str | None, device: torch.device, **overrides) -> dict:
+    """`nin train` with a preset and the fast path on; per-epoch times from its history."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = make_config(
+            preset, data_dir=data_dir, device=str(device), out=tmp, amp=True,
+            channels_last=True, **overrides,
+        )  # fmt: skip
+        result = train(config, log=lambda line: None)
+    history = result["history"]
+    reached = [h["epoch"] for h in history if h["test_acc"] >= 0.93]
+    seconds = [h["epoch_seconds"] for h in history]
+    return {
+        "epoch_seconds": seconds,
+        "images": round(history[0]["examples_per_sec"] * history[0]["epoch_seconds"]),
+        "test_acc": result["test_acc"],
+        "peak_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "seconds_to_93": sum(seconds[: reached[0]]) if reached else None,
+        "model": config.model,
+        "input_size": (1, config.resize, config.resize) if config.resize else (1, 28, 28),
+    }
+
+
+def collapses(
+    data_dir: str | None, device: torch.device, seeds: int, epochs: int, **kwargs
+) -> list[bool]:
+    """For each seed, whether the chapter's run collapsed (caught by the collapse watch)."""
+    outcome = []
+    for seed in range(seeds):
+        try:
+            ours("d2l", data_dir, device, seed=seed, epochs=epochs, **kwargs)
+            outcome.append(False)
+        except NinError as e:
+            if "collapsed" not in str(e):
+                raise
+            outcome.append(True)
+        print(f"  collapse run, seed {seed}: {'collapsed' if outcome[-1] else 'trained'}")
+    return outcome
+
+
+def speed(run: dict) -> float:
+    """Images/s: the median epoch after the first (the first pays warm-up), wall clock."""
+    timed = run["epoch_seconds"][1:] or run["epoch_seconds"]
+    return run["images"] / statistics.median(timed)
+
+
+def row(label: str, run: dict, flops: int, peak: float | None, base: float | None) -> str:
+    """One table row of a measured pipeline."""
+    s = speed(run)
+    memory = f"{run['peak_memory'] / 2**30:.2f} GiB" if run["peak_memory"] else "—"
+    mfu = f"{flops * s / peak:.1%}" if peak else "peak unknown"
+    ratio = f"{s / base:.1f}×" if base else "1.0×"
+    ten = sum(run["epoch_seconds"]) * 10 / len(run["epoch_seconds"])
+    return (
+        f"| {label} | {s:,.0f} | {ten:.0f} s | {run['test_acc']:.4f} | {memory} | {mfu} | {ratio} |"
+    )
+
+
+PIPELINES = [
+    "reference: d2l's pipeline (PIL resize in DataLoader workers, fp32, NCHW, metrics every batch)",
+    "ours, chapter preset (`--preset d2l`, fast path on)",
+    "ours, fast recipe (`--preset compact`)",
+]
+
+
+def placeholder() -> str:
+    """The GPU section when no GPU has run this script: every row says so."""
+    rows = [f"| {p} |" + " not measured |" * (len(COLUMNS) - 1) for p in PIPELINES]
+    return f"""## GPU: the textbook pipeline vs ours, same GPU
+
+Written by `python benchmarks/gpu_speed.py --placeholder` on {date.today():%Y-%m-%d}: no GPU
+was available to this release, so nothing in this section is measured yet. Run
+`python benchmarks/gpu_speed.py` on a CUDA machine to fill it in.
+
+| {" | ".join(COLUMNS)} |
+|{"---|" * len(COLUMNS)}
+{chr(10).join(rows)}
+
+Collapse of the chapter's setting over seeds (the chapter's network vs no ReLU before global
+average pooling): not measured.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--collapse-seeds", type=int, default=10)
+    parser.add_argument("--collapse-epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device, print only")
+    parser.add_argument("--placeholder", action="store_true", help="write a not-measured section")
+    args = parser.parse_args()
+    if args.placeholder:
+        write_section(args.out, "gpu", placeholder())
+        print(f"wrote the gpu section of {args.out} (not measured)")
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("no CUDA GPU here: use --smoke to check the script, --placeholder to "
+                         "write a not-measured section")  # fmt: skip
+    subset = 256 if args.smoke else None
+    epochs = 2 if args.smoke else args.epochs
+    seeds = 1 if args.smoke else args.collapse_seeds
+    small = {"train_subset": subset, "test_subset": subset} if subset else {}
+
+    print("reference pipeline ...", flush=True)
+    ref = reference(args.data_dir, device, epochs, subset, args.workers)
+    print("ours, chapter preset ...", flush=True)
+    chapter = ours("d2l", args.data_dir, device, epochs=epochs, **small)
+    print("ours, fast recipe ...", flush=True)
+    fast = ours("compact", args.data_dir, device, **small)
+    print("collapse counts ...", flush=True)
+    collapse_epochs = 1 if args.smoke else args.collapse_epochs
+    chapter_collapses = collapses(args.data_dir, device, seeds, collapse_epochs, **small)
+    fixed = collapses(
+        args.data_dir, device, seeds, collapse_epochs, model_kwargs={"final_relu": False}, **small
+    )
+
+    peak = peak_flops(device)
+    d2l_flops = training_flops(create_model("nin_d2l"), model_info("nin_d2l").input_size)
+    compact_flops = training_flops(create_model("nin_compact"), (1, 28, 28))
+    base = speed(ref)
+    rows = [
+        row(PIPELINES[0], ref, d2l_flops, peak, None),
+        row(PIPELINES[1], chapter, d2l_flops, peak, base),
+        row(PIPELINES[2], fast, compact_flops, peak, base),
+    ]
+    to_93 = fast["seconds_to_93"]
+    reached = f"93% test accuracy after {to_93:.1f} s of training" if to_93 else "did not reach 93%"
+    peak_text = f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "an unknown peak"
+    text = f"""## GPU: the textbook pipeline vs ours, same GPU
+
+Written by `python benchmarks/gpu_speed.py` on {date.today():%Y-%m-%d}; {machine()}.
+{"**Smoke run (tiny subsets): not a measurement.**" if args.smoke else ""}
+Fashion-MNIST, {"256" if subset else "all 60,000"} training images, {args.workers} data-loader
+workers for the reference, {epochs} epochs for the
+first two rows (the compact preset runs its own 8); images/s is wall clock including data
+loading and preparation, the median of epochs 2 to {epochs}; "10 epochs" scales the measured
+epochs to the chapter's 10 (training passes only). MFU: training FLOPs per image
+(FlopCounterMode: {d2l_flops / 1e9:.2f} G for nin_d2l at 224×224, {compact_flops / 1e9:.3f} G
+for nin_compact) × images/s ÷ {peak_text}.
+
+| {" | ".join(COLUMNS)} |
+|{"---|" * len(COLUMNS)}
+{chr(10).join(rows)}
+
+Fast recipe: {reached}.
+
+Collapse to loss ln 10 = {math.log(10):.3f} over {seeds} seeds ({collapse_epochs} epochs each,
+`--preset d2l`, stopped by the collapse watch): the chapter's network
+{sum(chapter_collapses)} of {seeds}; with no ReLU before global average pooling
+{sum(fixed)} of {seeds}.
+"""
+    if args.smoke:
+        print(text)
+    else:
+        write_section(args.out, "gpu", text)
+        print(f"wrote the gpu section of {args.out}")
+
+
+if __name__ == "__main__":
+    main()
