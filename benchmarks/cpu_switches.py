@@ -2,8 +2,9 @@
 docs/benchmarks.md).
 
 Times training steps of the compact network at batch 256 on real Fashion-MNIST batches with
-each switch on and off (channels-last memory format, bfloat16 autocast, thread count), and
-evaluation under `no_grad` vs `inference_mode`. Not a test: it takes a minute or two.
+each switch on and off (channels-last memory format, bfloat16 autocast, fused SGD,
+torch.compile, thread count), and evaluation under `no_grad` vs `inference_mode`. Not a test:
+it takes two minutes or so.
 
     python benchmarks/cpu_switches.py [--data-dir DIR] [--steps 30] [--out docs/benchmarks.md]
 """
@@ -35,21 +36,42 @@ def batches(data_dir: str | None, batch_size: int, channels_last: bool) -> list:
     return list(loader)
 
 
-def step_speed(data_dir: str | None, steps: int, channels_last: bool, amp: bool) -> float:
-    """Training images/s of nin_compact at batch 256: median of `steps` timed steps."""
-    torch.manual_seed(0)
-    model = place_model(create_model("nin_compact"), torch.device("cpu"), channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    data = batches(data_dir, 256, channels_last)
-    loss_fn = nn.CrossEntropyLoss()
-    times = []
-    for i in range(steps + 3):  # three warm-up steps
-        x, y = data[i % len(data)]
-        start = time.perf_counter()
-        train_step(model, x, y, optimizer, loss_fn, amp)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return 256 / statistics.median(times)
+class StepTimer:
+    """One training setting of nin_compact at batch 256, ready to time a few steps at a time."""
+
+    def __init__(
+        self,
+        data: dict[bool, list],
+        channels_last: bool,
+        amp: bool,
+        threads: int,
+        fused: bool = False,
+        compile: bool = False,
+    ) -> None:
+        torch.manual_seed(0)
+        model = place_model(create_model("nin_compact"), torch.device("cpu"), channels_last)
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=0.05, momentum=0.9, fused=fused or None
+        )
+        self.model = torch.compile(model) if compile else model
+        self.data, self.amp, self.threads = data[channels_last], amp, threads
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.times: list[float] = []
+        self.run(3, timed=False)  # warm-up (and compilation), not timed
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        """Take `steps` training steps, recording each one's time."""
+        torch.set_num_threads(self.threads)
+        for i in range(steps):
+            x, y = self.data[i % len(self.data)]
+            start = time.perf_counter()
+            train_step(self.model, x, y, self.optimizer, self.loss_fn, self.amp)
+            if timed:
+                self.times.append(time.perf_counter() - start)
+
+    def speed(self) -> float:
+        """Images/s from the median step."""
+        return 256 / statistics.median(self.times)
 
 
 def eval_speed(data_dir: str | None, mode: str) -> float:
@@ -71,31 +93,67 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args()
 
     threads = torch.get_num_threads()
-    rows, base = [], None
-    for label, channels_last, amp, n in (
-        ("fp32, NCHW (plain)", False, False, threads),
-        ("+ channels-last", True, False, threads),
-        ("+ bfloat16 autocast, NCHW", False, True, threads),
-        ("+ channels-last + bfloat16 (the default)", True, True, threads),
-        ("the default on 1 thread", True, True, 1),
-    ):
-        torch.set_num_threads(n)
-        speed = step_speed(args.data_dir, args.steps, channels_last, amp)
-        base = base or speed
-        rows.append(f"| {label} | {n} | {speed:.0f} | {speed / base:.2f} |")
-        print(rows[-1], flush=True)
+    data = {cl: batches(args.data_dir, 256, cl) for cl in (False, True)}
+    settings = {
+        "fp32, NCHW (plain)": StepTimer(data, False, False, threads),
+        "+ channels-last": StepTimer(data, True, False, threads),
+        "+ bfloat16 autocast, NCHW": StepTimer(data, False, True, threads),
+        "+ channels-last + bfloat16 (the default)": StepTimer(data, True, True, threads),
+        "the default + fused SGD": StepTimer(data, True, True, threads, fused=True),
+        "the default + torch.compile (compile time not counted)": StepTimer(
+            data, True, True, threads, compile=True
+        ),
+        "the default on 1 thread": StepTimer(data, True, True, 1),
+    }
+    # Rounds of a few steps each, settings interleaved, so a slow spell of this shared machine
+    # hits every setting alike instead of whichever happened to be running.
+    for _ in range(args.rounds):
+        for timer in settings.values():
+            timer.run(args.steps // args.rounds)
+    speeds = {label: timer.speed() for label, timer in settings.items()}
+    base = speeds["fp32, NCHW (plain)"]
+    rows = [
+        f"| {label} | {settings[label].threads} | {speed:.0f} | {speed / base:.2f} |"
+        for label, speed in speeds.items()
+    ]
     torch.set_num_threads(threads)
+    default = speeds["+ channels-last + bfloat16 (the default)"]
+    extras = {
+        "the default + fused SGD": "`--fused`",
+        "the default + torch.compile (compile time not counted)": "`--compile`",
+    }
+    verdicts = {"slower": [], "within 5% (no measurable gain)": [], "faster": []}
+    for label, flag in extras.items():
+        ratio = speeds[label] / default
+        kind = (
+            "slower"
+            if ratio < 0.95
+            else "faster"
+            if ratio > 1.05
+            else "within 5% (no measurable gain)"
+        )
+        verdicts[kind].append(flag)
+    verdict = (
+        "Against the default: "
+        + "; ".join(f"{kind}: {' and '.join(flags)}" for kind, flags in verdicts.items() if flags)
+        + (
+            ". What does not pay here stays off on the CPU; the flags turn it on (e.g. on a GPU). "
+            "Step timings on this shared 2-core machine vary by about 10% from run to run."
+        )
+    )
     evals = {mode: eval_speed(args.data_dir, mode) for mode in ("no_grad", "inference_mode")}
     text = f"""## CPU: what each switch buys
 
 Written by `python benchmarks/cpu_switches.py` on {date.today():%Y-%m-%d}; {machine()}.
 Training steps of `nin_compact` at batch 256 on real Fashion-MNIST batches (data prepared
 beforehand, so only the step is timed: forward, loss, backward, SGD momentum), median of
-{args.steps} steps after 3 warm-up steps; evaluation at batch 1000, median of 10 passes.
+{args.steps} steps after 3 warm-up steps, taken in {args.rounds} rounds with the settings
+interleaved; evaluation at batch 1000, median of 10 passes.
 
 | training step | threads | images/s | vs plain |
 |---|---|---|---|
@@ -105,6 +163,8 @@ beforehand, so only the step is timed: forward, loss, backward, SGD momentum), m
 |---|---|
 | `torch.no_grad()` | {evals["no_grad"]:.0f} |
 | `torch.inference_mode()` (what `nin` uses) | {evals["inference_mode"]:.0f} |
+
+{verdict.strip()}
 """
     write_section(args.out, "cpu-switches", text)
     print(f"wrote the cpu-switches section of {args.out}")

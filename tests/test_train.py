@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -252,3 +253,52 @@ def test_collapse_watch_needs_consecutive_flat_steps():
     assert [watch.update(t) for t in (flat, flat, alive, flat, flat, flat)] == [False] * 6
     assert watch.update(flat) is False and watch.update(flat) is True
     assert CollapseWatch(steps=0, device=torch.device("cpu")).update(flat) is False
+
+
+def test_linear_scaling_rule_for_larger_batches():
+    assert make_config("compact", scale_lr=True, batch_size=1024).lr == pytest.approx(0.8)
+    assert make_config("d2l", scale_lr=True, batch_size=512).lr == pytest.approx(0.4)
+    # An explicit --lr wins; without --scale-lr the preset's lr stays.
+    assert make_config("compact", scale_lr=True, batch_size=1024, lr=0.3).lr == 0.3
+    assert make_config("compact", batch_size=1024).lr == 0.2
+
+
+def test_fused_optimizer_switch(data_dir, tmp_path, monkeypatch):
+    seen = []
+    original = torch.optim.SGD.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("fused"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "__init__", spy)
+    for fused in (False, True):
+        config = make_config(
+            "compact", data_dir=str(data_dir), out=str(tmp_path / str(fused)), fused=fused,
+            train_subset=256, test_subset=256, epochs=1,
+        )  # fmt: skip
+        train(config, log=lambda line: None)
+    assert seen == [None, True]
+
+
+def test_float16_autocast_with_loss_scaling_trains(data_dir, monkeypatch):
+    # GPUs without bfloat16 get float16 and a GradScaler; the same path runs on the CPU here.
+    import nin.train
+    from nin.data import load_split
+    from nin.models import create_model
+    from nin.train import grad_scaler, train_step
+
+    monkeypatch.setattr(nin.train, "amp_dtype", lambda device: torch.float16)
+    images, labels = load_split("fashion-mnist", "train", str(data_dir))
+    x, y = images[:256].float().div(255), labels[:256].long()
+    torch.manual_seed(0)
+    model = create_model("nin_compact")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = grad_scaler(torch.device("cpu"), amp=True)
+    assert scaler.is_enabled() and not grad_scaler(torch.device("cpu"), amp=False).is_enabled()
+    losses = []
+    for _ in range(8):
+        logits = train_step(model, x, y, optimizer, torch.nn.CrossEntropyLoss(), True, scaler)
+        assert logits.dtype == torch.float16
+        losses.append(torch.nn.functional.cross_entropy(logits.float(), y).item())
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]

@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Train a model (see `nin train --help`)."""
     from nin.train import make_config, train
 
-    train(make_config(args.preset, **config_options(vars(args))))
+    train(make_config(args.preset, scale_lr=args.scale_lr, **config_options(vars(args))))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -198,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")
     p.add_argument("--schedule", choices=["constant", "onecycle"], help="learning-rate schedule")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory"
+    )
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, help="fused SGD update")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model"
+    )
+    p.add_argument(
+        "--scale-lr",
+        action="store_true",
+        help="with --batch-size: scale the preset's lr by new batch / preset batch (linear rule)",
+    )
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, help="seeds the weights, the data order, augmentation")
     p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
