@@ -116,6 +116,7 @@ def main() -> None:
         for timer in settings.values():
             timer.run(args.steps // args.rounds)
     speeds = {label: timer.speed() for label, timer in settings.items()}
+    timed = args.steps // args.rounds * args.rounds
     base = speeds["fp32, NCHW (plain)"]
     rows = [
         f"| {label} | {settings[label].threads} | {speed:.0f} | {speed / base:.2f} |"
@@ -152,7 +153,7 @@ def main() -> None:
 Written by `python benchmarks/cpu_switches.py` on {date.today():%Y-%m-%d}; {machine()}.
 Training steps of `nin_compact` at batch 256 on real Fashion-MNIST batches (data prepared
 beforehand, so only the step is timed: forward, loss, backward, SGD momentum), median of
-{args.steps} steps after 3 warm-up steps, taken in {args.rounds} rounds with the settings
+{timed} steps after 3 warm-up steps, taken in {args.rounds} rounds with the settings
 interleaved; evaluation at batch 1000, median of 10 passes.
 
 | training step | threads | images/s | vs plain |

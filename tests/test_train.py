@@ -239,7 +239,7 @@ def test_collapse_stops_the_run_early_with_a_clear_message(data_dir, tmp_path, m
         "compact", data_dir=str(data_dir), out=str(tmp_path), train_subset=2560,
         test_subset=256, epochs=3, batch_size=256, collapse_steps=4,
     )  # fmt: skip
-    message = r"collapsed in epoch 1: every logit has been equal for the last 4 steps.*ln 10"
+    message = r"collapsed in epoch 1: every image has got the same logits for the last 4 steps"
     with pytest.raises(NinError, match=message):
         train(config, log=lambda line: None)
     assert (tmp_path / "metrics.jsonl").read_text() == ""  # stopped inside the first epoch
@@ -252,6 +252,10 @@ def test_collapse_watch_needs_consecutive_flat_steps():
     flat, alive = torch.zeros(8, 10), torch.randn(8, 10)
     assert [watch.update(t) for t in (flat, flat, alive, flat, flat, flat)] == [False] * 6
     assert watch.update(flat) is False and watch.update(flat) is True
+    # An earlier dead layer: logits differ per class but are the same for every image.
+    constant = torch.randn(1, 10).expand(8, 10)
+    watch = CollapseWatch(steps=2, device=torch.device("cpu"), window=2)
+    assert [watch.update(constant) for _ in range(2)] == [False, True]
     assert CollapseWatch(steps=0, device=torch.device("cpu")).update(flat) is False
 
 

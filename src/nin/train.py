@@ -154,7 +154,11 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cpu":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        try:  # emulated bfloat16 (V100, T4) is slow: those GPUs get float16
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # older PyTorch has no such argument
+            native = torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if native else torch.float16
     return None
 
 
@@ -255,12 +259,13 @@ def train_step(
 
 
 class CollapseWatch:
-    """Spots the chapter's collapse: every logit equal for every example, step after step.
+    """Spots the chapter's collapse: the same logits for every image, step after step.
 
-    When the ReLU before global average pooling dies, the network outputs the same logits
-    for every image, the loss sits at ln(classes) and no gradient can revive it. The widest
-    logit spread is kept on the device and read once per `window` steps, so watching costs no
-    host synchronisation per step.
+    When the ReLU before global average pooling dies (or any whole ReLU layer), the network
+    stops looking at its input: every image gets the same logits, accuracy sits at chance, the
+    loss near ln(classes), and no gradient can revive it. The largest difference between any
+    image's logits and the first image's is kept on the device and read once per `window`
+    steps, so watching costs no host synchronisation per step.
     """
 
     def __init__(self, steps: int, device: torch.device, window: int = 50) -> None:
@@ -274,7 +279,7 @@ class CollapseWatch:
         """Record one step's logits; True once the run has been flat for `steps` steps."""
         if not self.steps:
             return False
-        spread = (logits.max(1).values - logits.min(1).values).max().float()
+        spread = (logits - logits[:1]).abs().amax().float()
         self.spread = torch.maximum(self.spread, spread)
         self.seen += 1
         if self.seen % self.window:
@@ -286,11 +291,11 @@ class CollapseWatch:
     def message(self, epoch: int, num_classes: int, lr: float) -> str:
         """What happened and what to try, in one line."""
         return (
-            f"training collapsed in epoch {epoch}: every logit has been equal for the last "
-            f"{self.flat} steps, so the loss is stuck at ln {num_classes} = "
-            f"{math.log(num_classes):.3f} with chance accuracy (the ReLU before global average "
-            f"pooling died and cannot recover); try a lower --lr (now {lr}), another --seed, "
-            "or --preset compact (batch norm, no ReLU before pooling)"
+            f"training collapsed in epoch {epoch}: every image has got the same logits for "
+            f"the last {self.flat} steps, so accuracy is stuck at chance and the loss near "
+            f"ln {num_classes} = {math.log(num_classes):.3f} (a ReLU layer, usually the one "
+            "before global average pooling, died and cannot recover); try a lower --lr (now "
+            f"{lr}), another --seed, or --preset compact (batch norm, no ReLU before pooling)"
         )
 
 
@@ -450,6 +455,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         "device": str(device),
         "run_dir": str(run_dir),
         "history": history,
+        "train_examples": train_loader.num_examples,
         "model": model,
     }
 
