@@ -15,12 +15,12 @@ import time
 from datetime import date
 
 import torch
-from report import cpu_name, write_section
+from report import write_section
 from torch import nn
 
 from nin.data import dataset_spec, load_split
 from nin.models import create_model
-from nin.train import make_config, train
+from nin.train import cpu_name, make_config, train
 
 
 def on(flag: bool) -> str:

@@ -13,17 +13,7 @@ from pathlib import Path
 import torch
 
 from nin.files import atomic_path
-
-
-def cpu_name() -> str:
-    """The processor's model name, from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from nin.train import cpu_name
 
 
 def machine() -> str:

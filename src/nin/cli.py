@@ -54,14 +54,14 @@ def cmd_resources(args: argparse.Namespace) -> None:
     from nin.resources import format_resources, measure_resources
     from nin.train import pick_device
 
-    model, size, _ = model_for_input(args)
+    model, size, rows = model_for_input(args)
     if any(b < 1 for b in args.batch_size):
         raise NinError(f"--batch-size must be positive, got {args.batch_size}")
     device, _ = pick_device(args.device)
     model.to(device)
     for i, batch_size in enumerate(args.batch_size):
         print(("\n" if i else "") + format_resources(
-            measure_resources(model, args.model, size, batch_size, args.optimizer)
+            measure_resources(model, args.model, size, batch_size, args.optimizer, rows)
         ))  # fmt: skip
 
 
@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--collapse-steps",
         type=int,
-        help="stop once every logit has been equal this many steps (default 100; 0: never)",
+        help="stop once every image has got the same logits this many steps (default 100; "
+        "0: never)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,16 @@ from nin.resources import (
     measure_resources,
     summarize,
 )
-from nin.train import PRESETS, TrainConfig, accuracy, evaluate, make_loader, pick_device, train
+from nin.train import (
+    PRESETS,
+    TrainConfig,
+    accuracy,
+    cpu_name,
+    evaluate,
+    make_loader,
+    pick_device,
+    train,
+)
 
 
 @dataclass(frozen=True)
@@ -995,15 +1003,7 @@ def machine() -> str:
     if torch.cuda.is_available():
         where = torch.cuda.get_device_name()
     else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        where = f"{cpu}, {os.cpu_count()} cores"
+        where = f"{cpu_name()}, {os.cpu_count()} cores"
     return f"{where}, torch {torch.__version__}"
 
 

@@ -183,9 +183,16 @@ def element_bytes(dtype: torch.dtype) -> int:
 
 
 def saved_by_layer(
-    model: nn.Module, rows: list[LayerRow], input_bytes: int, element: int, mask_element: int
+    model: nn.Module,
+    rows: list[LayerRow],
+    batch_size: int,
+    input_bytes: int,
+    element: int,
+    mask_element: int,
 ) -> tuple[list[tuple[str, str, int]], int]:
     """Analytic bytes each layer makes autograd keep in training, and the inference peak.
+
+    `rows` are a batch-1 summary; every activation scales with `batch_size`.
 
     The network is a chain, so layer i's input is layer i-1's output. Each activation is
     counted once however many layers keep it: an in-place ReLU keeps the very tensor its
@@ -202,7 +209,7 @@ def saved_by_layer(
     layers, live_peak = [], input_bytes
     for row in leaf_rows(rows):
         module = modules[row.name]
-        numel = math.prod(row.output_shape)
+        numel = batch_size * math.prod(row.output_shape[1:])
         out = numel * element
         kept = 0
         keeps_input = isinstance(
@@ -286,22 +293,27 @@ def training_flops(model: nn.Module, input_size: tuple[int, ...], batch_size: in
 
 
 def analytic_memory(
-    model: nn.Module, input_size: tuple[int, ...], batch_size: int, optimizer: str
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    batch_size: int,
+    optimizer: str,
+    rows: list[LayerRow] | None = None,
 ) -> tuple[Memory, list[tuple[str, str, int]]]:
     """Memory from shapes alone: parameter counts and each layer's output shape, no measuring.
 
     Weights include buffers (batch norm's running statistics). Training holds weights,
     gradients, optimizer state and the saved activations (the input batch and labels among
-    them); inference holds the weights and the largest live activations.
+    them); inference holds the weights and the largest live activations. `rows`: the model's
+    batch-1 summary, if already made.
     """
     param = next(model.parameters())
     element = element_bytes(param.dtype)
-    rows = summarize(model, input_size, batch_size)
+    rows = rows or summarize(model, input_size)
     weight_bytes = nbytes(model.parameters())
     buffer_bytes = nbytes(model.buffers())
     input_bytes = batch_size * math.prod(input_size) * element
     mask_element = 1 if param.device.type == "cuda" else element
-    layers, live_peak = saved_by_layer(model, rows, input_bytes, element, mask_element)
+    layers, live_peak = saved_by_layer(model, rows, batch_size, input_bytes, element, mask_element)
     num_classes = math.prod(rows[-1].output_shape[1:])
     # The loss keeps its log-probabilities, the int64 labels and a float32 total weight.
     loss_bytes = batch_size * num_classes * element + batch_size * 8 + 4
@@ -430,13 +442,17 @@ def measure_resources(
     input_size: tuple[int, int, int],
     batch_size: int,
     optimizer: str = "sgd",
+    rows: list[LayerRow] | None = None,
 ) -> Resources:
-    """Parameters, FLOPs and memory (analytic beside measured) of `model` at one batch size."""
+    """Parameters, FLOPs and memory (analytic beside measured) of `model` at one batch size.
+
+    `rows`: the model's batch-1 summary, if already made.
+    """
     check_optimizer(optimizer)
-    rows = summarize(model, input_size)
+    rows = rows or summarize(model, input_size)
     forward = sum(r.flops for r in leaf_rows(rows))
     formula_forward, formula_training = formula_flops(model, rows)
-    analytic, layers = analytic_memory(model, input_size, batch_size, optimizer)
+    analytic, layers = analytic_memory(model, input_size, batch_size, optimizer, rows)
     return Resources(
         model=name,
         input_size=tuple(input_size),

@@ -60,7 +60,7 @@ class TrainConfig:
     out: str | None = None  # None: runs/<time>-<preset>
     train_subset: int | None = None  # use the first N training examples
     holdout: int = 0  # the last N training examples become a validation split; test is not read
-    collapse_steps: int = 100  # stop once every logit has been equal this many steps; 0: never
+    collapse_steps: int = 100  # stop once every image has got the same logits this many steps
     test_subset: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -273,7 +273,7 @@ class CollapseWatch:
         self.window = max(1, min(window, steps))
         self.spread = torch.zeros((), device=device)
         self.seen = 0
-        self.flat = 0  # consecutive steps with every logit equal
+        self.flat = 0  # consecutive steps with the same logits for every image
 
     def update(self, logits: torch.Tensor) -> bool:
         """Record one step's logits; True once the run has been flat for `steps` steps."""
@@ -485,6 +485,17 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def cpu_name() -> str:
+    """The processor's model name, from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
