@@ -136,6 +136,39 @@ def cmd_exercises(args: argparse.Namespace) -> None:
     print(readme)
 
 
+# --- using and shipping a model: predict, export, report, serve
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Print the top classes of each image; a bad file gets one line on stderr, the rest go on."""
+    import json
+
+    from nin.predict import format_prediction, load_predictor, predict_files
+
+    inputs = list(args.inputs)
+    if args.model is None:
+        if len(inputs) < 2:
+            raise NinError("give a CHECKPOINT and at least one image (or --model fashion-mnist)")
+        checkpoint = inputs.pop(0)
+    else:
+        checkpoint = None
+    if args.top_k < 1:
+        raise NinError(f"--top-k must be at least 1, got {args.top_k}")
+    predictor = load_predictor(checkpoint, args.model)
+    results = predict_files(predictor, inputs, args.top_k, args.invert)
+    failed = [r for r in results if isinstance(r, NinError)]
+    for error in failed:
+        print(f"nin: error: {error}", file=sys.stderr)
+    done = [r for r in results if not isinstance(r, NinError)]
+    if args.json:
+        rows = [{"error": str(r)} if isinstance(r, NinError) else r.as_dict() for r in results]
+        print(json.dumps(rows, indent=2))
+    else:
+        print("\n".join(format_prediction(r) for r in done))
+    if failed:
+        raise NinError(f"{len(failed)} of {len(results)} inputs failed (see above)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -256,6 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the run's batch size")
     p.add_argument("--test-subset", type=int)
     p.set_defaults(func=cmd_eval)
+    # --- using and shipping a model (predict, export, report, serve)
+    p = sub.add_parser(
+        "predict",
+        help="top classes of PNG/JPEG images with a checkpoint or the bundled model",
+        description="Classify PNG/JPEG images (files or folders). Fashion-MNIST images are "
+        "light objects centred on a black background: photos of dark objects on a light "
+        "background are inverted automatically (--invert/--no-invert to force), and every "
+        "image is padded to a square and shrunk to the model's input.",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="CHECKPOINT PATH", help="a run directory, then images"
+    )
+    p.add_argument(
+        "--model", metavar="NAME", help="a bundled model (fashion-mnist) instead of a CHECKPOINT"
+    )
+    p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
+    p.add_argument(
+        "--invert",
+        action=argparse.BooleanOptionalAction,
+        help="invert light-background images (default: when the border is light)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

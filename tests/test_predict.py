@@ -1,0 +1,201 @@
+"""nin predict: images in, top-k classes out, the same pipeline as training, bad files one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nin import predict
+from nin.checkpoint import save_checkpoint
+from nin.cli import main
+from nin.data import DeviceLoader, dataset_spec, load_split
+from nin.errors import NinError
+from nin.models import create_model
+from nin.predict import Predictor, load_predictor
+
+CLASSES = dataset_spec("fashion-mnist").classes
+
+
+def tiny_config(**changes) -> dict:
+    """The keys a run directory's config.json needs, for nin_compact on Fashion-MNIST."""
+    config = {
+        "model": "nin_compact",
+        "num_classes": 10,
+        "in_channels": 1,
+        "preset": "compact",
+        "dataset": "fashion-mnist",
+        "resize": None,
+        "normalize": True,
+    }
+    return {**config, **changes}
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A run directory holding an untrained nin_compact."""
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    save_checkpoint(run, create_model("nin_compact", num_classes=10, in_channels=1), tiny_config())
+    return run
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array.astype(np.uint8)).save(path)
+    return path
+
+
+def test_pipeline_matches_training(checkpoint: Path, tmp_path: Path) -> None:
+    """A 28×28 PNG reaches the model exactly as the training loader prepares the same pixels."""
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    path = write_png(tmp_path / "x.png", pixels)
+    predictor = load_predictor(str(checkpoint))
+    uint8, inverted = predictor.to_uint8(predict.open_image(path), invert=False)
+    assert not inverted
+    assert torch.equal(uint8, torch.from_numpy(pixels)[None])
+    spec = dataset_spec("fashion-mnist")
+    loader = DeviceLoader(
+        uint8[None], torch.zeros(1, dtype=torch.long), 1, mean=spec.mean, std=spec.std
+    )
+    with torch.no_grad():
+        expected = predictor.model(loader.prepare(uint8[None])).softmax(1)[0]
+    got = predictor.probabilities(uint8[None])[0]
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_any_image_becomes_model_input(checkpoint: Path, tmp_path: Path) -> None:
+    """RGB, RGBA, JPEG, non-square, large: each becomes (1, 28, 28) uint8 and gets 5 classes."""
+    rng = np.random.default_rng(1)
+    rgb = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(rgb)
+    rgba = tmp_path / "cutout.png"
+    Image.fromarray(rng.integers(0, 256, (40, 90, 4), dtype=np.uint8), "RGBA").save(rgba)
+    predictor = load_predictor(str(checkpoint))
+    for path in (rgb, rgba):
+        uint8, _ = predictor.to_uint8(predict.open_image(path))
+        assert uint8.shape == (1, 28, 28) and uint8.dtype == torch.uint8
+        result = predictor.predict(predict.open_image(path), top_k=5, source=str(path))
+        probs = [p for _, _, p in result.top]
+        assert len(result.top) == 5 and probs == sorted(probs, reverse=True)
+        assert all(name in CLASSES for _, name, _ in result.top)
+
+
+def test_light_background_is_inverted(checkpoint: Path, tmp_path: Path) -> None:
+    """A dark shape on white (a photo) is inverted to a light shape on black, as trained."""
+    array = np.full((28, 28), 255, dtype=np.uint8)
+    array[8:20, 8:20] = 0
+    predictor = load_predictor(str(checkpoint))
+    image = predict.open_image(write_png(tmp_path / "photo.png", array))
+    uint8, inverted = predictor.to_uint8(image)
+    assert inverted and uint8[0, 0, 0] == 0 and uint8[0, 14, 14] == 255
+    assert not predictor.to_uint8(image, invert=False)[1]
+
+
+def test_cli_text_and_json(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        write_png(folder / f"{i}.png", np.full((28, 28), 40 * i))
+    (folder / "notes.txt").write_text("not looked at: folders give their images only")
+    assert main(["predict", str(checkpoint), str(folder), "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(".png") == 2 and len(out.strip().splitlines()) == 2 * (1 + 3)
+    assert main(["predict", str(checkpoint), str(folder / "0.png"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["class"] for r in rows[0]["top"]][0] in CLASSES
+    assert len(rows[0]["top"]) == 5
+    assert sum(r["prob"] for r in rows[0]["top"]) <= 1 + 1e-6
+
+
+def test_bad_files_one_line_each_rest_go_on(
+    checkpoint: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    good = write_png(tmp_path / "good.png", np.zeros((28, 28)))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    text = bad / "notes.png"
+    text.write_text("hello, not an image")
+    empty = bad / "empty.jpg"
+    empty.write_bytes(b"")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64))
+    truncated = bad / "truncated.png"
+    truncated.write_bytes(write_png(bad / "noise.png", noise).read_bytes()[:200])
+    (bad / "noise.png").unlink()
+    big = write_png(bad / "big.png", np.zeros((300, 300)))
+    gif = bad / "anim.gif"
+    Image.new("L", (28, 28)).save(gif)
+    (tmp_path / "no-images").mkdir()
+    monkeypatch.setattr(predict, "MAX_PIXELS", 200 * 200)
+    paths = [text, empty, truncated, big, gif, bad / "missing.png", tmp_path / "no-images", good]
+    assert main(["predict", str(checkpoint), *map(str, paths)]) == 1
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 8 and all(line.startswith("nin: error: ") for line in errors)
+    joined = "\n".join(errors)
+    for expected in ("not a PNG or JPEG", "empty file", "cannot decode", "pixel limit", "GIF"):
+        assert expected in joined
+    assert "missing.png: not found" in joined and "holds no .png" in joined
+    assert errors[-1] == f"nin: error: 7 of {len(paths)} inputs failed (see above)"
+    assert captured.out.startswith(str(good)) and len(captured.out.splitlines()) == 6
+
+
+def test_byte_limit(tmp_path: Path, monkeypatch) -> None:
+    path = write_png(tmp_path / "x.png", np.zeros((64, 64)))
+    monkeypatch.setattr(predict, "MAX_BYTES", 10)
+    with pytest.raises(NinError, match="MiB limit"):
+        predict.open_image(path)
+    with pytest.raises(NinError, match="MiB limit"):
+        predict.read_image(path.read_bytes())
+
+
+def test_checkpoint_mismatch(tmp_path: Path, capsys) -> None:
+    image = write_png(tmp_path / "x.png", np.zeros((28, 28)))
+    run = tmp_path / "seven"
+    save_checkpoint(run, create_model("nin_compact", num_classes=7), tiny_config(num_classes=7))
+    assert main(["predict", str(run), str(image)]) == 1
+    assert "7 classes but fashion-mnist has 10" in capsys.readouterr().err
+    # A config whose input size its model cannot take: every image fails, one line each.
+    run = tmp_path / "small"
+    save_checkpoint(run, create_model("nin_compact"), tiny_config(resize=6))
+    assert main(["predict", str(run), str(image), str(image)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot take input" in err and err.count("nin: error:") == 3
+    assert main(["predict", str(tmp_path / "nowhere"), str(image)]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert main(["predict", str(image)]) == 1
+    assert "give a CHECKPOINT and at least one image" in capsys.readouterr().err
+
+
+def test_resize_config_is_used(tmp_path: Path) -> None:
+    """A model trained with --resize gets images of that size."""
+    run = tmp_path / "run"
+    model = create_model("nin_compact")
+    save_checkpoint(run, model, tiny_config(resize=32, normalize=False))
+    predictor = load_predictor(str(run))
+    uint8, _ = predictor.to_uint8(Image.new("L", (50, 20)))
+    assert uint8.shape == (1, 32, 32)
+    assert predictor.pipeline.prepare(uint8[None]).shape == (1, 1, 32, 32)
+
+
+def test_bundled_model_classifies_test_images(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """`--model fashion-mnist` reads real test images (as PNG files) right."""
+    images, labels = load_split("fashion-mnist", "test", data_dir)
+    paths = [write_png(tmp_path / f"{i:02d}.png", images[i, 0].numpy()) for i in range(40)]
+    assert main(["predict", "--model", "fashion-mnist", *map(str, paths), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    predicted = [row["top"][0]["index"] for row in rows]
+    assert not any(row["inverted"] for row in rows)
+    correct = sum(p == int(y) for p, y in zip(predicted, labels[:40], strict=True))
+    assert correct >= 34  # the bundled model scores about 0.93
+
+
+def test_unknown_bundled_model(tmp_path: Path, capsys) -> None:
+    assert main(["predict", "--model", "imagenet", str(tmp_path)]) == 1
+    assert "no bundled model 'imagenet'; bundled: fashion-mnist" in capsys.readouterr().err
+    with pytest.raises(NinError, match="not both"):
+        load_predictor("run", "fashion-mnist")
+    assert isinstance(Predictor, type)
