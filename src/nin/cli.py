@@ -171,6 +171,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
+    from nin.data import DATASETS
+
     parser = argparse.ArgumentParser(
         prog="nin", description="Network in Network: build, inspect, train and evaluate NiN."
     )
@@ -206,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_resources)
 
     p = sub.add_parser("download", help="download and verify a data set")
-    p.add_argument("dataset", choices=["fashion-mnist", "mnist"])
+    p.add_argument("dataset", choices=sorted(DATASETS))
     p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
     p.set_defaults(func=cmd_download)
 
@@ -221,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compact (the default, fast on a CPU) or d2l (the chapter)",
     )
     p.add_argument("--model", help="a registered model (see `nin models`)")
-    p.add_argument("--dataset", choices=["fashion-mnist", "mnist"], help="default fashion-mnist")
+    p.add_argument("--dataset", choices=sorted(DATASETS), help="default fashion-mnist")
     p.add_argument("--epochs", type=int, help="passes over the training set")
     p.add_argument("--lr", type=float, help="learning rate (the peak, with one-cycle)")
     p.add_argument("--batch-size", type=int, help="examples per step")

@@ -1,4 +1,8 @@
-"""Data: download and verify the official IDX files, read them, and serve batches from the device.
+"""Data: download and verify the official files, read them, and serve batches from the device.
+
+MNIST and Fashion-MNIST come as gzipped IDX files; CIFAR-10 as the official binary archive, which
+is unpacked safely and read as fixed-size records (never the pickled version: nothing downloaded
+is ever unpickled).
 
 The whole split is held as uint8 on the training device; every batch is gathered, converted,
 resized, normalised and augmented there, in one go. There is no per-sample Python anywhere.
@@ -11,13 +15,17 @@ import hashlib
 import http.client
 import math
 import os
+import shutil
+import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -26,18 +34,57 @@ from nin.errors import NinError
 from nin.files import atomic_path
 
 IDX_DTYPES = {0x08: torch.uint8}
+CIFAR_SIDE = 32
+CIFAR_RECORD = 1 + 3 * CIFAR_SIDE * CIFAR_SIDE  # one label byte, then the R, G and B planes
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """An IDX data set: its files with their md5, where to fetch them, and its statistics."""
+    """A data set: its files with their md5, where to fetch them, and its statistics.
+
+    An IDX data set lists its four .gz files. An archive data set (CIFAR-10) lists one archive
+    under the key "archive", names the folder it unpacks to, and the record files of each split.
+    """
 
     name: str
     files: dict[str, tuple[str, str]]  # key -> (file name, md5)
     mirrors: tuple[str, ...]
     classes: tuple[str, ...]
-    mean: float  # of train pixels in [0, 1], for normalisation
-    std: float
+    mean: float | tuple[float, ...]  # of train pixels in [0, 1]; one per channel for colour
+    std: float | tuple[float, ...]
+    folder: str = ""  # under the data root; "" means `name`
+    unpacks_to: str = ""  # the archive's one top folder; "" for loose IDX files
+    split_files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # in the archive
+    records_per_file: int = 0  # fixed-size records in each split file
+
+
+CIFAR10 = DatasetSpec(
+    name="cifar10",
+    files={"archive": ("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")},
+    mirrors=("https://www.cs.toronto.edu/~kriz/",),
+    classes=(
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+    # Measured on the 50,000 training images (tests/test_cifar.py checks them).
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
+    folder="cifar-10",
+    unpacks_to="cifar-10-batches-bin",
+    split_files={
+        "train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+        "test": ("test_batch.bin",),
+    },
+    records_per_file=10000,
+)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -82,6 +129,7 @@ DATASETS: dict[str, DatasetSpec] = {
         mean=0.1307,
         std=0.3081,
     ),
+    "cifar10": CIFAR10,
 }
 
 
@@ -155,32 +203,63 @@ def ensure_files(
     """Paths of a data set's files for `splits`, downloading those that are missing.
 
     A file already present with the right md5 is used as is; one with the wrong md5 is an error
-    (it is never silently replaced).
+    (it is never silently replaced). Keys are "<split>_..." ("train_images", "train_1", ...).
+    An archive data set whose folder is already unpacked is used as is, archive or not.
     """
     spec = dataset_spec(name)
-    folder = data_root(data_dir) / name
+    folder = data_root(data_dir) / (spec.folder or name)
+    if spec.unpacks_to:
+        return _ensure_unpacked(spec, folder, mirrors or spec.mirrors, splits)
     paths = {}
     for key, (filename, md5) in spec.files.items():
         if key.split("_")[0] not in splits:
             continue
         path = folder / filename
         if path.exists():
-            try:
-                actual = md5sum(path)
-            except OSError as e:
-                raise NinError(f"{path}: cannot be read ({e.strerror}); fix or delete it") from None
-            if actual != md5:
-                raise NinError(
-                    f"{path}: wrong checksum (corrupt, truncated or not the official file); "
-                    "delete it and run again to download a fresh copy"
-                )
+            _check_md5(path, md5)
         else:
-            _download_from_mirrors(path, md5, mirrors or spec.mirrors)
+            _download_from_mirrors(path, md5, mirrors or spec.mirrors, "four .gz files")
         paths[key] = path
     return paths
 
 
-def _download_from_mirrors(path: Path, md5: str, mirrors: tuple[str, ...]) -> None:
+def _check_md5(path: Path, md5: str) -> None:
+    try:
+        actual = md5sum(path)
+    except OSError as e:
+        raise NinError(f"{path}: cannot be read ({e.strerror}); fix or delete it") from None
+    if actual != md5:
+        raise NinError(
+            f"{path}: wrong checksum (corrupt, truncated or not the official file); "
+            "delete it and run again to download a fresh copy"
+        )
+
+
+def _ensure_unpacked(
+    spec: DatasetSpec, folder: Path, mirrors: tuple[str, ...], splits: tuple[str, ...]
+) -> dict[str, Path]:
+    unpacked = folder / spec.unpacks_to
+    if not unpacked.is_dir():
+        filename, md5 = spec.files["archive"]
+        archive = folder / filename
+        if archive.exists():
+            _check_md5(archive, md5)
+        else:
+            _download_from_mirrors(archive, md5, mirrors, f"archive {filename}")
+        extract_tar(archive, folder, spec.unpacks_to)
+    paths = {}
+    for split in splits:
+        for i, filename in enumerate(spec.split_files[split], 1):
+            path = unpacked / filename
+            if not path.is_file():
+                raise NinError(
+                    f"{path}: file not found; delete {unpacked} and run again to unpack it afresh"
+                )
+            paths[f"{split}_{i}"] = path
+    return paths
+
+
+def _download_from_mirrors(path: Path, md5: str, mirrors: tuple[str, ...], what: str) -> None:
     reasons = []
     for base in mirrors:
         try:
@@ -189,10 +268,66 @@ def _download_from_mirrors(path: Path, md5: str, mirrors: tuple[str, ...]) -> No
         except NinError as e:
             reasons.append(str(e))
     raise NinError(
-        f"could not download {path.name} ({'; '.join(reasons)}). Download the data set's four "
-        f".gz files from {mirrors[0]} and put them in {path.parent}/, or point --data-dir or "
+        f"could not download {path.name} ({'; '.join(reasons)}). Download the data set's {what} "
+        f"from {mirrors[0]} and put them in {path.parent}/, or point --data-dir or "
         f"NIN_DATA_DIR at a directory holding {path.parent.name}/{path.name}"
     )
+
+
+def extract_tar(archive: Path, dest: Path, top: str) -> Path:
+    """Unpack `archive` (.tar.gz) and move its folder `top` into `dest`; returns `dest / top`.
+
+    Every member is checked before anything is written: only plain files and folders under
+    `top`, no absolute paths, no `..`, no links or devices. The members go to a temporary folder
+    that is renamed into place, so a failure never leaves a half-unpacked `top`.
+    """
+    fix = "delete it and run again to download a fresh copy"
+    tmp = None
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            for member in members:
+                why = _unsafe(member, top)
+                if why:
+                    raise NinError(
+                        f"{archive}: refusing member {member.name!r} ({why}); "
+                        f"it is not the official archive, {fix}"
+                    )
+            tmp = Path(tempfile.mkdtemp(prefix=f".{top}.", suffix=".tmp", dir=dest))
+            # filter="data" is tarfile's own guard (Python 3.12, backported); ours above is
+            # stricter and runs on every version.
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, members=members, filter="data")
+            else:
+                tar.extractall(tmp, members=members)
+        if not (tmp / top).is_dir():
+            raise NinError(f"{archive}: holds no folder {top}/; {fix}")
+        os.replace(tmp / top, dest / top)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise NinError(f"{archive}: not a readable .tar.gz ({e}); {fix}") from None
+    except OSError as e:
+        raise NinError(f"cannot unpack {archive} into {dest} ({e.strerror or e})") from None
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest / top
+
+
+def _unsafe(member: tarfile.TarInfo, top: str) -> str:
+    """Why an archive member must not be unpacked, or "" if it is safe."""
+    name = member.name
+    path = PurePosixPath(name)
+    if path.is_absolute() or name.startswith(("/", "\\")) or ":" in name.split("/")[0]:
+        return "an absolute path"
+    if ".." in path.parts or ".." in name.split("\\"):
+        return "a path with '..'"
+    if member.issym() or member.islnk():
+        return "a link"
+    if not (member.isfile() or member.isdir()):
+        return "a device, fifo or other special file"
+    if path.parts[0] != top:
+        return f"outside {top}/"
+    return ""
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
@@ -221,13 +356,45 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
 
 
+def read_cifar(
+    path: str | os.PathLike, records: int = 0, num_classes: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read a CIFAR binary batch into images (N, 3, 32, 32) uint8 and labels (N,) int64.
+
+    Each record is one label byte and 3072 pixel bytes (the R, G, B planes, rows in order).
+    `records` is the number the file must hold (0: any whole number).
+    """
+    path = Path(path)
+    fix = "delete its folder and run again to unpack a fresh copy"
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise NinError(f"{path}: file not found") from None
+    except OSError as e:
+        raise NinError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
+    expected = records * CIFAR_RECORD
+    if (records and data.size != expected) or not data.size or data.size % CIFAR_RECORD:
+        need = f"{expected} bytes" if records else f"a multiple of {CIFAR_RECORD} bytes"
+        raise NinError(f"{path}: holds {data.size} bytes, not {need} of CIFAR records; {fix}")
+    data = data.reshape(-1, CIFAR_RECORD)
+    labels = data[:, 0]
+    if labels.max() >= num_classes:
+        raise NinError(f"{path}: label {labels.max()} out of range (0-{num_classes - 1}); {fix}")
+    images = data[:, 1:].reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
 def load_split(
     name: str, split: str, data_dir: str | os.PathLike | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 1, 28, 28) uint8 and labels (N,) int64 of the `train` or `test` split."""
+    """Images (N, C, H, W) uint8 and labels (N,) int64 of the `train` or `test` split."""
     if split not in ("train", "test"):
         raise NinError(f"unknown split {split!r}; use 'train' or 'test'")
+    spec = dataset_spec(name)
     paths = ensure_files(name, data_dir, splits=(split,))
+    if spec.unpacks_to:
+        parts = [read_cifar(p, spec.records_per_file, len(spec.classes)) for p in paths.values()]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     images = read_idx(paths[f"{split}_images"])
     labels = read_idx(paths[f"{split}_labels"])
     if images.ndim != 3 or labels.ndim != 1:
@@ -312,7 +479,10 @@ class DeviceLoader:
         if self.resize and self.resize != x.shape[-1]:
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear")
         if self.mean is not None and self.std is not None:
-            x = x.sub_(self.mean).div_(self.std)
+            # One value, or one per channel: shaped (1, C, 1, 1) to broadcast over the batch.
+            mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            x = x.sub_(mean).div_(std)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -274,6 +274,31 @@ def nin_cifar(
     )
 
 
+@register_model((1, 28, 28), "the paper's MNIST NiN: its CIFAR-10 structure at 96 channels")
+def nin_mnist(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    num_pointwise: int = 2,
+    batch_norm: bool = False,
+    dropout: float = 0.5,
+) -> NiN:
+    """Lin et al.'s MNIST network: the CIFAR-10 structure with fewer maps (28 → 14 → 7).
+
+    The paper says only that the maps are fewer; these widths are half the CIFAR-10 net's.
+    """
+    n, bn = num_pointwise, batch_norm
+    return NiN(
+        paper_block(in_channels, (96, 80, 48), 5, 1, 2, n, bn),
+        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 14×14
+        nn.Dropout(dropout),
+        paper_block(48, (96, 96, 96), 5, 1, 2, n, bn),
+        nn.AvgPool2d(3, stride=2, ceil_mode=True),  # 7×7
+        nn.Dropout(dropout),
+        paper_block(96, (96, 96, num_classes), 3, 1, 1, n, bn),
+        *global_average_pool(),
+    )
+
+
 @register_model((3, 224, 224), "the paper's four-block ImageNet NiN (the authors' model zoo)")
 def nin_imagenet(
     num_classes: int = 1000,
