@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from nin.cli import main
 from nin.data import (
     CIFAR_RECORD,
     DATASETS,
@@ -22,6 +23,7 @@ from nin.data import (
     read_cifar,
 )
 from nin.errors import NinError
+from nin.models import create_model
 from nin.train import make_config, train
 
 from .conftest import SHARED_DATA
@@ -213,3 +215,20 @@ def test_real_cifar10_loads_and_normalises(real_cifar):
     std = (squares / pixels - mean**2).sqrt()
     # The spec's statistics are the train split's own, to 4 decimals.
     assert mean.abs().max() < 1e-3 and (std - 1).abs().max() < 1e-3
+
+
+def test_nin_download_cifar10(small_cifar, tmp_path, capsys):
+    small_cifar()
+    assert main(["download", "cifar10", "--data-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and lines[0].startswith("ok  ") and lines[0].endswith("data_batch_1.bin")
+
+
+@pytest.mark.parametrize("preset", ["paper-cifar10", "cifar10", "paper-mnist", "mnist"])
+def test_paper_presets_build(preset):
+    config = make_config(preset)
+    spec = DATASETS[config.dataset]
+    channels = 3 if config.dataset == "cifar10" else 1
+    model = create_model(config.model, len(spec.classes), channels, **config.model_kwargs)
+    side = 32 if channels == 3 else 28
+    assert model.eval()(torch.zeros(2, channels, side, side)).shape == (2, 10)
