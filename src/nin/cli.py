@@ -169,6 +169,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise NinError(f"{len(failed)} of {len(results)} inputs failed (see above)")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a checkpoint to ONNX or torch.export and check it against PyTorch."""
+    from pathlib import Path
+
+    from nin.checkpoint import load_checkpoint
+    from nin.export import default_out, export_model, format_result
+
+    model, config = load_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else default_out(args.checkpoint, args.format)
+    print(format_result(export_model(model, config, out, args.format)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from nin.data import DATASETS
@@ -314,6 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (or torch.export), checked against PyTorch",
+        description="Write the model as ONNX (needs pip install 'nin[export]') or a "
+        "torch.export program, with a dynamic batch dimension; the input is the normalised "
+        "float image (the ONNX metadata says how), the output the logits. The file is run "
+        "again at batch 1 and 3 and compared with PyTorch.",
+    )
+    p.add_argument("checkpoint", help="a run directory or its model.safetensors")
+    p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
+    p.add_argument("--out", help="default: model.onnx or model.pt2 in the run directory")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

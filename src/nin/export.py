@@ -1,0 +1,191 @@
+"""Export: a checkpoint as an ONNX file or a torch.export program, checked against PyTorch.
+
+Both take the model's float input after normalisation, (batch, C, H, W) with any batch size, and
+return logits. The ONNX file records what to feed it (size, mean, std, class names) in its
+metadata. Every export is run once more and its outputs compared with the PyTorch model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nin.data import dataset_spec
+from nin.errors import NinError
+from nin.files import atomic_path
+from nin.models import model_info
+
+FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
+CHECK_BATCHES = (1, 3)  # 1 and a size the export never saw: the batch dimension must be free
+MAX_DIFFERENCE = 1e-3  # float32 reorderings stay far below this; a wrong graph does not
+
+
+@dataclass
+class ExportResult:
+    """Where the export went and how far its outputs are from PyTorch's, per batch size."""
+
+    path: Path
+    format: str
+    input_shape: tuple[int, ...]
+    differences: dict[int, float]
+    checked_with: str
+
+
+def input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) of the float tensor the checkpoint's model takes."""
+    side = config.get("resize")
+    size = (side, side) if side else model_info(config["model"]).input_size[1:]
+    return (config["in_channels"], *size)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporters' chatter (torchvision ops it skips, deprecations): not the user's."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def sample_inputs(shape: tuple[int, ...], batch: int) -> torch.Tensor:
+    """Seeded normal inputs, the scale of normalised images."""
+    return torch.randn((batch, *shape), generator=torch.Generator().manual_seed(batch))
+
+
+def export_model(
+    model: nn.Module, config: dict[str, Any], path: Path, fmt: str = "onnx"
+) -> ExportResult:
+    """Write `model` to `path` in format `fmt` (see FORMATS) and check it against PyTorch."""
+    if fmt not in FORMATS:
+        raise NinError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    model = model.cpu().float().eval()
+    shape = input_shape(config)
+    export = export_onnx if fmt == "onnx" else export_program
+    result = export(model, shape, path, config)
+    worst = max(result.differences.values())
+    if not worst < MAX_DIFFERENCE:  # `not <` also catches NaN
+        raise NinError(
+            f"{path}: the exported model's outputs differ from PyTorch's by {worst:.3g}; "
+            "please report this with the checkpoint"
+        )
+    return result
+
+
+def export_onnx(
+    model: nn.Module, shape: tuple[int, ...], path: Path, config: dict[str, Any]
+) -> ExportResult:
+    """ONNX with a dynamic batch dimension, metadata on its input, checked in onnxruntime."""
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401 (the exporter of torch >= 2.5 needs it)
+    except ImportError as e:
+        raise NinError(
+            f"--format onnx needs onnx, onnxscript and onnxruntime ({e.name} is missing): "
+            "pip install 'nin[export]'"
+        ) from None
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with atomic_path(path) as tmp, quiet():
+        try:
+            torch.onnx.export(
+                model,
+                (sample_inputs(shape, 2),),
+                str(tmp),
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                external_data=False,  # one self-contained file
+                verbose=False,
+            )
+        except Exception as e:  # the exporter raises many types; the first line says what
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NinError(f"ONNX export of {config['model']!r} failed ({reason})") from None
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, onnx_metadata(config, shape))
+        onnx.save(proto, str(tmp))
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        differences = {}
+        with torch.no_grad():
+            for n in CHECK_BATCHES:
+                x = sample_inputs(shape, n)
+                (got,) = session.run(["logits"], {"images": x.numpy()})
+                differences[n] = (torch.from_numpy(got) - model(x)).abs().max().item()
+    return ExportResult(path, "onnx", shape, differences, f"onnxruntime {onnxruntime.__version__}")
+
+
+def export_program(
+    model: nn.Module, shape: tuple[int, ...], path: Path, config: dict[str, Any]
+) -> ExportResult:
+    """A torch.export program (.pt2) with a dynamic batch dimension, reloaded and checked."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with atomic_path(path) as tmp, quiet():
+        try:
+            program = torch.export.export(
+                model, (sample_inputs(shape, 2),), dynamic_shapes=({0: batch},)
+            )
+        except Exception as e:  # as above: many exception types, one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NinError(f"torch.export of {config['model']!r} failed ({reason})") from None
+        # Through memory: torch.export.save wants a name ending in .pt2, the temporary has not.
+        buffer = io.BytesIO()
+        extra = {"nin.json": json.dumps(onnx_metadata(config, shape))}
+        torch.export.save(program, buffer, extra_files=extra)
+        tmp.write_bytes(buffer.getvalue())
+        buffer.seek(0)
+        loaded = torch.export.load(buffer).module()
+        differences = {}
+        with torch.no_grad():
+            for n in CHECK_BATCHES:
+                x = sample_inputs(shape, n)
+                differences[n] = (loaded(x) - model(x)).abs().max().item()
+    return ExportResult(path, "torch-export", shape, differences, f"torch {torch.__version__}")
+
+
+def onnx_metadata(config: dict[str, Any], shape: tuple[int, ...]) -> dict[str, str]:
+    """What a user of the exported file needs to prepare its input and read its output."""
+    spec = dataset_spec(config["dataset"])
+    normalize = bool(config["normalize"])
+    return {
+        "nin.model": config["model"],
+        "nin.dataset": config["dataset"],
+        "nin.input": "float32 (batch, {}, {}, {}): pixels / 255, then (x - mean) / std".format(
+            *shape
+        ),
+        "nin.mean": json.dumps(spec.mean if normalize else 0.0),
+        "nin.std": json.dumps(spec.std if normalize else 1.0),
+        "nin.classes": json.dumps(list(spec.classes)),
+    }
+
+
+def default_out(checkpoint: str, fmt: str) -> Path:
+    """model.onnx / model.pt2 in the checkpoint's run directory."""
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent
+    return run_dir / f"model{FORMATS[fmt]}"
+
+
+def format_result(result: ExportResult) -> str:
+    """The lines `nin export` prints."""
+    size = result.path.stat().st_size / 1e6
+    shape = "×".join(map(str, result.input_shape))
+    diffs = ", ".join(f"{d:.2g} (batch {n})" for n, d in result.differences.items())
+    return (
+        f"wrote {result.path} ({result.format}, {size:.1f} MB): input float32 batch×{shape}, "
+        f"normalised; output logits\n"
+        f"checked with {result.checked_with}: max abs difference from PyTorch {diffs}"
+    )
