@@ -181,6 +181,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(format_result(export_model(model, config, out, args.format)))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    """Write one self-contained HTML report on a run."""
+    from nin.report import write_report
+
+    if args.test_subset is not None and args.test_subset < 1:
+        raise NinError(f"--test-subset must be at least 1, got {args.test_subset}")
+    path = write_report(args.run_dir, args.out, args.data_dir, args.test_subset, args.device)
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from nin.data import DATASETS
@@ -339,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
     p.add_argument("--out", help="default: model.onnx or model.pt2 in the run directory")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page on a run: curves, confusion, mistakes, config",
+        description="Evaluate a run's checkpoint on the test split and write one HTML file "
+        "(images inline, no external resources): loss and accuracy curves, the confusion "
+        "matrix, per-class accuracy, the most confident mistakes, the config and environment.",
+    )
+    p.add_argument("run_dir", help="a run directory written by `nin train`")
+    p.add_argument("--out", help="default: RUN_DIR/report.html")
+    p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
+    p.add_argument("--test-subset", type=int, help="evaluate the first N test images only")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

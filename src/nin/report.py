@@ -1,0 +1,286 @@
+"""Report: one self-contained HTML page about a run — curves, confusion matrix, per-class
+accuracy, the test images it gets wrong, its config and environment.
+
+Every image is an inline base64 PNG and the style sheet is inline: the file opens anywhere,
+offline, and can be mailed or attached as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nin.checkpoint import load_checkpoint
+from nin.data import dataset_spec
+from nin.errors import NinError
+from nin.files import atomic_path
+from nin.train import (
+    TrainConfig,
+    accuracy,
+    autocast,
+    environment,
+    make_config,
+    make_loader,
+    per_class_accuracy,
+    pick_device,
+    place_model,
+    plot_curves,
+)
+
+MAX_MISTAKES = 48  # images in the grid: the most confident mistakes first
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
+       padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid
+#ddd; } .sub { color: #666; } table { border-collapse: collapse; } td, th { padding: 2px 10px;
+text-align: left; border-bottom: 1px solid #eee; vertical-align: top; } td.num { text-align:
+right; font-variant-numeric: tabular-nums; } .bar { background: #4a7ab5; height: 0.9em; }
+.grid { display: flex; flex-wrap: wrap; gap: 10px; } figure { margin: 0; width: 112px;
+font-size: 12px; text-align: center; } figure img { width: 112px; height: 112px;
+image-rendering: pixelated; border: 1px solid #ccc; } .wrong { color: #b22; } pre { background:
+#f6f6f6; padding: 0.6em; overflow-x: auto; } .row { display: flex; flex-wrap: wrap;
+gap: 0 3em; } .row img { max-width: 100%; }
+"""
+
+
+def png_data_uri(png: bytes) -> str:
+    """A PNG as a data: URI, to inline in an <img>."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib Figure as PNG bytes."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def curves_png(history: list[dict[str, Any]], title: str) -> bytes:
+    """The training curves, drawn by the same `plot_curves` that writes curves.png."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "curves.png"
+        plot_curves(history, path, title=title)
+        return path.read_bytes()
+
+
+def confusion_png(confusion: torch.Tensor, classes: tuple[str, ...]) -> bytes:
+    """The confusion matrix as a heat map with counts (rows: true class, columns: predicted)."""
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+
+    counts = confusion.numpy()
+    n = len(classes)
+    fig = Figure(figsize=(1.5 + 0.55 * n, 1.2 + 0.5 * n), dpi=110)
+    ax = fig.subplots()
+    # Row-normalised colours, so rare and common classes read alike; the numbers are counts.
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                color = "white" if rates[i, j] > 0.5 else "black"
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    return figure_png(fig)
+
+
+def image_png(pixels: torch.Tensor, scale: int = 4) -> bytes:
+    """A uint8 (C, H, W) image as a PNG, enlarged `scale` times with sharp pixels."""
+    array = pixels.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl (empty if the run has none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise NinError(f"{path}: not JSON lines ({e}); was the file edited?") from None
+
+
+@torch.inference_mode()
+def predict_test_split(
+    run_dir: Path,
+    data_dir: str | os.PathLike | None = None,
+    test_subset: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate the run's checkpoint on the test split: labels, predictions, confidences."""
+    model, saved = load_checkpoint(run_dir)
+    # The run's settings, but this machine's device: a GPU run is reported on a laptop too.
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset", "device"}
+    options = {k: v for k, v in saved.items() if k in fields and v is not None}
+    here = {"data_dir": data_dir, "test_subset": test_subset, "device": device}
+    config = make_config(saved["preset"], **{**options, **here})
+    chosen, _ = pick_device(config.device)
+    loader = make_loader(config, "test", chosen)
+    place_model(model, chosen, config.channels_last).eval()
+    predicted, confidence = [], []
+    # Batch by batch in order (no shuffling), so index i is test image i.
+    for start in range(0, loader.num_examples, config.batch_size):
+        x = loader.prepare(loader.images[start : start + config.batch_size])
+        with autocast(chosen, config.amp):
+            probs = model(x).float().softmax(1)
+        value, index = probs.max(1)
+        predicted.append(index.cpu())
+        confidence.append(value.cpu())
+    labels = loader.labels.cpu()
+    predicted_all = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long)
+    num_classes = saved["num_classes"]
+    confusion = torch.bincount(labels * num_classes + predicted_all, minlength=num_classes**2).view(
+        num_classes, num_classes
+    )
+    return {
+        "config": saved,
+        "labels": labels,
+        "predicted": predicted_all,
+        "confidence": torch.cat(confidence) if confidence else torch.zeros(0),
+        "images": loader.images.cpu(),
+        "confusion": confusion,
+        "device": chosen,
+    }
+
+
+def table(rows: list[tuple[str, Any]]) -> str:
+    """A two-column HTML table of names and values."""
+    cells = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return f"<table>{cells}</table>"
+
+
+def build_report(
+    run_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    test_subset: int | None = None,
+    device: str | None = None,
+) -> str:
+    """The HTML of the report on `run_dir`."""
+    run_dir = Path(run_dir)
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    found = predict_test_split(run_dir, data_dir, test_subset, device)
+    config, confusion = found["config"], found["confusion"]
+    classes = dataset_spec(config["dataset"]).classes
+    labels, predicted, confidence = found["labels"], found["predicted"], found["confidence"]
+    n = len(labels)
+    acc = accuracy(confusion)
+    title = f"{config['model']} on {config['dataset']}"
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="sub">run <code>{html.escape(str(run_dir))}</code>, preset '
+        f"{html.escape(str(config['preset']))}; report written "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
+        f'<p id="summary"><b>test accuracy {acc:.4f}</b> on {n} test images '
+        f"({n - int(confusion.trace())} wrong), evaluated now on {found['device']}.</p>",
+    ]
+
+    history = read_history(run_dir)
+    parts.append('<div class="row"><section id="curves"><h2>Training curves</h2>')
+    if history:
+        png = curves_png(history, f"{config['model']}, preset {config['preset']}")
+        parts.append(f'<img alt="loss and accuracy per epoch" src="{png_data_uri(png)}">')
+        last = history[-1]
+        parts.append(
+            table([(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items()])
+        )
+    else:
+        parts.append("<p>No metrics.jsonl in the run directory: no curves to draw.</p>")
+    parts.append("</section>")
+
+    parts.append('<section id="confusion"><h2>Confusion matrix</h2>')
+    png = confusion_png(confusion, classes)
+    parts.append(f'<img alt="confusion matrix" src="{png_data_uri(png)}"></section></div>')
+
+    rows = []
+    for name, class_acc, total in zip(
+        classes, per_class_accuracy(confusion), confusion.sum(1).tolist(), strict=True
+    ):
+        bar = f'<div class="bar" style="width:{200 * class_acc:.0f}px"></div>'
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td class='num'>{class_acc:.3f}</td>"
+            f"<td class='num'>{total}</td><td>{bar}</td></tr>"
+        )
+    parts.append(
+        '<section id="per-class"><h2>Per-class accuracy</h2><table><tr><th>class</th>'
+        f"<th>accuracy</th><th>images</th><th></th></tr>{''.join(rows)}</table></section>"
+    )
+
+    wrong = (predicted != labels).nonzero().flatten()
+    wrong = wrong[confidence[wrong].argsort(descending=True)][:MAX_MISTAKES]
+    figures = []
+    for i in wrong.tolist():
+        true, guess = classes[labels[i]], classes[predicted[i]]
+        src = png_data_uri(image_png(found["images"][i]))
+        figures.append(
+            f'<figure><img alt="test image {i}" src="{src}"><figcaption>#{i}<br>'
+            f"true: {html.escape(true)}<br><span class='wrong'>predicted: "
+            f"{html.escape(guess)} ({confidence[i]:.2f})</span></figcaption></figure>"
+        )
+    parts.append(
+        f'<section id="mistakes"><h2>Misclassified test images</h2><p>The {len(figures)} most '
+        f"confident mistakes of {n - int(confusion.trace())}, most confident first.</p>"
+        f'<div class="grid">{"".join(figures)}</div></section>'
+    )
+
+    settings = {k: v for k, v in config.items() if k not in ("environment", "result")}
+    parts.append(f'<section id="config"><h2>Config</h2>{table(sorted(settings.items()))}')
+    if isinstance(config.get("result"), dict):
+        # Per-class figures are in their own section above; the scalars go here.
+        result = [
+            (k, f"{v:.4g}" if isinstance(v, float) else v)
+            for k, v in config["result"].items()
+            if not isinstance(v, list | dict)
+        ]
+        parts.append(f"<h3>Result saved by training</h3>{table(result)}")
+    parts.append("</section>")
+    trained = config.get("environment", {})
+    now = environment(found["device"])
+    parts.append(
+        '<section id="environment"><h2>Environment</h2><h3>Where it trained</h3>'
+        f"{table(sorted(trained.items()))}<h3>Where this report was made</h3>"
+        f"{table(sorted(now.items()))}</section>"
+    )
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>'
+        f"{html.escape(title)} — nin report</title><style>{STYLE}</style></head>\n"
+        f"<body>{''.join(parts)}</body></html>\n"
+    )
+
+
+def write_report(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    test_subset: int | None = None,
+    device: str | None = None,
+) -> Path:
+    """Write the report on `run_dir` (default: RUN_DIR/report.html), atomically."""
+    page = build_report(run_dir, data_dir, test_subset, device)
+    run = Path(run_dir)
+    path = Path(out) if out else (run if run.is_dir() else run.parent) / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
