@@ -191,6 +191,18 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve the upload-and-classify page on this machine."""
+    from nin.predict import load_predictor
+    from nin.serve import require_serve_packages, serve
+
+    require_serve_packages()
+    if (args.checkpoint is None) == (args.model is None):
+        raise NinError("give a CHECKPOINT or --model fashion-mnist (one of them)")
+    predictor = load_predictor(args.checkpoint, args.model)
+    serve(predictor, args.model or args.checkpoint, args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from nin.data import DATASETS
@@ -363,6 +375,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-subset", type=int, help="evaluate the first N test images only")
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "serve",
+        help="a local web page: upload or draw an image, see the top 5 classes",
+        description="Serve a page on this machine (needs pip install 'nin[serve]') where you "
+        "upload a PNG/JPEG or draw on a canvas and see the top 5 classes with probabilities.",
+    )
+    p.add_argument("checkpoint", nargs="?", help="a run directory written by `nin train`")
+    p.add_argument("--model", metavar="NAME", help="a bundled model (fashion-mnist) instead")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -10,6 +10,7 @@ resized, normalised and augmented there, in one go. There is no per-sample Pytho
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import http.client
@@ -365,7 +366,7 @@ def read_cifar(
     `records` is the number the file must hold (0: any whole number).
     """
     path = Path(path)
-    fix = "delete its folder and run again to unpack a fresh copy"
+    fix = f"delete {path.parent} and run again to unpack a fresh copy"
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
@@ -479,13 +480,19 @@ class DeviceLoader:
         if self.resize and self.resize != x.shape[-1]:
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear")
         if self.mean is not None and self.std is not None:
-            # One value, or one per channel: shaped (1, C, 1, 1) to broadcast over the batch.
-            mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            x = x.sub_(mean).div_(std)
+            x = x.sub_(channel_values(self.mean, x.device)).div_(channel_values(self.std, x.device))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+@functools.cache
+def channel_values(values: float | tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """One value, or one per channel, as a (1, C, 1, 1) tensor on `device`, made once.
+
+    Cached so that no batch pays a host-to-device copy (a sync on GPUs) for its statistics.
+    """
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

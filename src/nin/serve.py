@@ -1,0 +1,236 @@
+"""Serve: a local web page where a person uploads or draws an image and sees the top classes.
+
+One plain HTML page (inline script and style, no frontend build) and one JSON endpoint,
+POST /predict, on FastAPI + uvicorn. Bad uploads get 400 (not an image) or 413 (too large)
+with a readable message that the page shows; the model is never asked about them.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
+# run time, and those name classes imported inside create_app.
+import base64
+import html
+import io
+import socket
+from typing import Any
+
+from nin import predict
+from nin.errors import NinError
+from nin.predict import Predictor
+
+TOP_K = 5
+EXTRA_FORM_BYTES = 64 * 1024  # multipart headers and boundaries around the file itself
+
+
+def require_serve_packages() -> None:
+    """Fail with what to install when the `serve` extra is missing."""
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401 (FastAPI needs it for uploads)
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise NinError(
+            f"nin serve needs fastapi, uvicorn and python-multipart ({e.name} is missing): "
+            "pip install 'nin[serve]'"
+        ) from None
+
+
+def create_app(predictor: Predictor, name: str) -> Any:
+    """The FastAPI app: GET / is the page, POST /predict classifies one uploaded image."""
+    require_serve_packages()
+    from fastapi import FastAPI, File, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+
+    app = FastAPI(title="nin", docs_url=None, redoc_url=None, openapi_url=None)
+    too_large = f"the image is over the {predict.MAX_BYTES // 2**20} MiB limit; give a smaller one"
+
+    @app.middleware("http")
+    async def refuse_huge_bodies(request: Request, call_next):
+        # Before the multipart parser spools the body anywhere: the declared size is enough.
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > predict.MAX_BYTES + EXTRA_FORM_BYTES:
+            return JSONResponse({"detail": too_large}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def missing_file(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": "send one image as the form field 'file'"}, 400)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return render_page(predictor, name)
+
+    @app.post("/predict")
+    def classify(file: UploadFile = File(...)) -> JSONResponse:  # noqa: B008 (FastAPI's way)
+        # A plain def: FastAPI runs it in a worker thread, so the model never blocks the loop.
+        data = file.file.read(predict.MAX_BYTES + 1)
+        if len(data) > predict.MAX_BYTES:
+            return JSONResponse({"detail": too_large}, status_code=413)
+        label = file.filename or "upload"
+        try:
+            image = predict.read_image(data, label)
+            pixels, inverted = predictor.to_uint8(image)
+            probs = predictor.probabilities(pixels[None])[0]
+            result = predictor.top(probs, TOP_K, label, inverted)
+        except NinError as e:
+            return JSONResponse({"detail": str(e)}, status_code=400)
+        return JSONResponse({**result.as_dict(), "input_png": input_png(pixels)})
+
+    return app
+
+
+def input_png(pixels: Any) -> str:
+    """The model's input (uint8 C×H×W) as a PNG data URI, so the page shows what the model saw."""
+    from PIL import Image
+
+    array = pixels.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line, before uvicorn starts, if the port cannot be used."""
+    if not 0 < port < 65536:
+        raise NinError(f"--port must be in 1..65535, got {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise NinError(
+                f"cannot listen on {host}:{port} ({e.strerror}); pick another --port"
+            ) from None
+
+
+def serve(predictor: Predictor, name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the page until Ctrl+C."""
+    import uvicorn
+
+    app = create_app(predictor, name)
+    check_port(host, port)
+    print(f"nin: serving {name} at http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def render_page(predictor: Predictor, name: str) -> str:
+    """The demo page: upload or draw, then the top classes with probabilities."""
+    config = predictor.config
+    about = (
+        f"{config['model']} trained on {config['dataset']} ({len(predictor.classes)} classes: "
+        f"{', '.join(predictor.classes)})"
+    )
+    return PAGE.replace("{{NAME}}", html.escape(name)).replace("{{ABOUT}}", html.escape(about))
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>nin — {{NAME}}</title>
+<style>
+body { font: 16px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 880px; padding: 0 1em;
+       color: #222; }
+h1 { margin-bottom: 0.1em; } .sub { color: #666; margin-top: 0; }
+.panels { display: flex; gap: 2em; flex-wrap: wrap; }
+.panel { border: 1px solid #ddd; border-radius: 8px; padding: 1em; }
+canvas { background: #000; border-radius: 4px; cursor: crosshair; touch-action: none; }
+#seen { width: 112px; height: 112px; image-rendering: pixelated; border: 1px solid #ccc;
+        background: #000; }
+#error { color: #b22; font-weight: 600; min-height: 1.4em; }
+#results { list-style: none; padding: 0; margin: 0; min-width: 300px; }
+#results li { display: grid; grid-template-columns: 130px 60px 1fr; gap: 8px;
+              align-items: center; margin: 4px 0; }
+#results li:first-child { font-weight: 700; }
+.bar { background: #4a7ab5; height: 14px; border-radius: 2px; }
+button { font: inherit; padding: 0.3em 0.9em; }
+</style></head>
+<body>
+<h1>nin: {{NAME}}</h1>
+<p class="sub">{{ABOUT}}. Fashion-MNIST items are light on a black background: photos with a
+light background are inverted for the model; everything is padded square and shrunk to its
+input size (shown under "the model saw").</p>
+<div class="panels">
+  <div class="panel">
+    <p><label for="file"><b>Upload a PNG or JPEG</b></label><br>
+    <input type="file" id="file" accept="image/png,image/jpeg"></p>
+    <p><b>…or draw</b> (white on black)<br>
+    <canvas id="canvas" width="280" height="280"></canvas><br>
+    <button id="classify-drawing">Classify drawing</button> <button id="clear">Clear</button></p>
+  </div>
+  <div class="panel">
+    <p id="error" role="alert"></p>
+    <p><b>Top 5</b></p>
+    <ol id="results"></ol>
+    <p><b>The model saw</b><br><img id="seen" alt="the model's input"></p>
+  </div>
+</div>
+<script>
+const results = document.getElementById("results");
+const error = document.getElementById("error");
+const seen = document.getElementById("seen");
+async function classify(blob, name) {
+  error.textContent = "";
+  results.innerHTML = "";
+  const form = new FormData();
+  form.append("file", blob, name);
+  let reply, body;
+  try {
+    reply = await fetch("predict", { method: "POST", body: form });
+    body = await reply.json();
+  } catch (e) {
+    error.textContent = "The server did not answer (" + e + ")";
+    return;
+  }
+  if (!reply.ok) {
+    error.textContent = body.detail || ("Error " + reply.status);
+    seen.removeAttribute("src");
+    return;
+  }
+  for (const row of body.top) {
+    const li = document.createElement("li");
+    const name = document.createElement("span");
+    name.className = "class";
+    name.textContent = row.class;
+    const prob = document.createElement("span");
+    prob.className = "prob";
+    prob.textContent = row.prob.toFixed(3);
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.style.width = Math.max(1, Math.round(row.prob * 100)) + "%";
+    li.append(name, prob, bar);
+    results.append(li);
+  }
+  seen.src = body.input_png;
+}
+document.getElementById("file").addEventListener("change", (event) => {
+  const file = event.target.files[0];
+  if (file) classify(file, file.name);
+});
+const canvas = document.getElementById("canvas");
+const ctx = canvas.getContext("2d");
+function clear() { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height); }
+clear();
+let drawing = false;
+function point(event) {
+  const box = canvas.getBoundingClientRect();
+  return [event.clientX - box.left, event.clientY - box.top];
+}
+canvas.addEventListener("pointerdown", (e) => {
+  drawing = true;
+  ctx.beginPath();
+  ctx.moveTo(...point(e));
+});
+canvas.addEventListener("pointermove", (e) => {
+  if (!drawing) return;
+  ctx.lineTo(...point(e));
+  ctx.strokeStyle = "#fff";
+  ctx.lineWidth = 22;
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.stroke();
+});
+window.addEventListener("pointerup", () => { drawing = false; });
+document.getElementById("clear").addEventListener("click", clear);
+document.getElementById("classify-drawing").addEventListener("click", () => {
+  canvas.toBlob((blob) => classify(blob, "drawing.png"), "image/png");
+});
+</script>
+</body></html>
+"""
