@@ -146,7 +146,8 @@ def ours(preset: str, data_dir: str | None, device: torch.device, **overrides) -
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    settings = {"amp": True, "channels_last": True, "collapse_steps": 0, **overrides}
+    settings = {"amp": True, "channels_last": True, "collapse_steps": 0, "stuck_steps": 0}
+    settings.update(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         config = make_config(preset, data_dir=data_dir, device=str(device), out=tmp, **settings)
         result = train(config, log=lambda line: None)

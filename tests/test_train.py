@@ -70,14 +70,14 @@ def test_checkpoint_reloads_the_trained_model(quick_run):
 def test_broken_checkpoints_get_one_line_errors(quick_run, tmp_path):
     _, _, out = quick_run
     (tmp_path / "config.json").write_text((out / "config.json").read_text())
-    (tmp_path / "model.safetensors").write_bytes(b"\x80\x04 not safetensors")
+    (tmp_path / "model.safetensors").write_bytes(b"\x04\x80 not safetensors")
     with pytest.raises(NinError, match="not a readable safetensors"):
         load_checkpoint(tmp_path)
     config = json.loads((out / "config.json").read_text())
     config["model"] = "nin_d2l"
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
-    with pytest.raises(NinError, match="do not fit model 'nin_d2l'"):
+    with pytest.raises(NinError, match="weights of model 'nin_compact', but the config says"):
         load_checkpoint(tmp_path)
     with pytest.raises(NinError, match="not found"):
         load_checkpoint(tmp_path / "nowhere")
@@ -245,18 +245,51 @@ def test_collapse_stops_the_run_early_with_a_clear_message(data_dir, tmp_path, m
     assert (tmp_path / "metrics.jsonl").read_text() == ""  # stopped inside the first epoch
 
 
-def test_collapse_watch_needs_consecutive_flat_steps():
-    from nin.train import CollapseWatch
+def watch_step(watch, logits, loss=2.0, correct=4):
+    """Feed one step of `logits` (8 images) with a given mean loss and number correct."""
+    n = len(logits)
+    return watch.update(logits, torch.tensor(loss * n), torch.tensor(correct))
 
-    watch = CollapseWatch(steps=4, device=torch.device("cpu"), window=2)
+
+def test_collapse_watch_needs_consecutive_flat_steps():
+    from nin.train import TrainingWatch
+
+    watch = TrainingWatch(4, 0, 10, torch.device("cpu"), window=2)
     flat, alive = torch.zeros(8, 10), torch.randn(8, 10)
-    assert [watch.update(t) for t in (flat, flat, alive, flat, flat, flat)] == [False] * 6
-    assert watch.update(flat) is False and watch.update(flat) is True
+    assert [watch_step(watch, t) for t in (flat, flat, alive, flat, flat, flat)] == [False] * 6
+    assert watch_step(watch, flat) is False and watch_step(watch, flat) is True
+    assert watch.reason == "collapsed"
     # An earlier dead layer: logits differ per class but are the same for every image.
     constant = torch.randn(1, 10).expand(8, 10)
-    watch = CollapseWatch(steps=2, device=torch.device("cpu"), window=2)
-    assert [watch.update(constant) for _ in range(2)] == [False, True]
-    assert CollapseWatch(steps=0, device=torch.device("cpu")).update(flat) is False
+    watch = TrainingWatch(2, 0, 10, torch.device("cpu"), window=2)
+    assert [watch_step(watch, constant) for _ in range(2)] == [False, True]
+    watch = TrainingWatch(0, 0, 10, torch.device("cpu"))
+    assert not any(watch_step(watch, flat) for _ in range(200))
+
+
+def test_watch_stops_a_loss_stuck_at_chance_and_a_non_finite_loss():
+    import math
+
+    from nin.train import TrainingWatch
+
+    alive = torch.randn(8, 10)
+    watch = TrainingWatch(0, 4, 10, torch.device("cpu"), window=2)
+    chance = math.log(10)
+    # Learning (loss below ln 10) resets the count; four steps at chance in a row stop it.
+    steps = [(chance, 1), (chance, 1), (1.0, 6), (1.0, 6), (chance, 0), (chance, 1)]
+    assert [watch_step(watch, alive, *s) for s in steps] == [False] * 6
+    assert [watch_step(watch, alive, chance, 1) for _ in range(2)] == [False, True]
+    assert watch.reason == "stuck"
+    assert "stayed at ln 10 = 2.303 with accuracy at chance for 4 steps" in watch.message(
+        1, 0.1, "kept"
+    )
+    # Many right answers at that loss is not chance: no stop.
+    watch = TrainingWatch(0, 2, 10, torch.device("cpu"), window=2)
+    assert not any(watch_step(watch, alive, chance, 8) for _ in range(10))
+    # A NaN or infinite loss stops at the next read, whatever the other counters say.
+    watch = TrainingWatch(0, 0, 10, torch.device("cpu"), window=3)
+    assert watch_step(watch, alive, float("nan")) is False
+    assert watch.poll() is True and watch.reason == "diverged"
 
 
 def test_linear_scaling_rule_for_larger_batches():

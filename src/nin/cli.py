@@ -82,10 +82,16 @@ def config_options(values: dict) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """Train a model (see `nin train --help`)."""
-    from nin.train import make_config, train
+    """Train a model, or resume a run (see `nin train --help`)."""
+    from nin.train import make_config, resume_config, train
 
-    train(make_config(args.preset, scale_lr=args.scale_lr, **config_options(vars(args))))
+    if args.resume:
+        given = {**config_options(vars(args)), "preset": args.preset, "scale_lr": args.scale_lr}
+        given = {k: v for k, v in given.items() if v not in (None, False)}
+        train(resume_config(args.resume, **given), resume=True)
+        return
+    preset = args.preset or "compact"
+    train(make_config(preset, scale_lr=args.scale_lr, **config_options(vars(args))))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -252,9 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train NiN. Every option left unset takes the preset's value.",
     )
     p.add_argument(
-        "--preset",
-        default="compact",
-        help="compact (the default, fast on a CPU) or d2l (the chapter)",
+        "--preset", help="compact (the default, fast on a CPU), d2l (the chapter), or another"
     )
     p.add_argument("--model", help="a registered model (see `nin models`)")
     p.add_argument("--dataset", choices=sorted(DATASETS), help="default fashion-mnist")
@@ -296,6 +300,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop once every image has got the same logits this many steps (default 100; "
         "0: never)",
     )
+    p.add_argument(
+        "--stuck-steps",
+        type=int,
+        help="stop once the loss has sat at ln(classes) with chance accuracy this many steps "
+        "(default 1000; 0: never)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="also checkpoint every N steps (default 0: at every epoch end only)",
+    )
+    p.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        help="deterministic algorithms only (exact resume, slower on GPUs)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run exactly where its last checkpoint left it (its saved settings)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -325,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the run's batch size")
     p.add_argument("--test-subset", type=int)
     p.set_defaults(func=cmd_eval)
+
     # --- using and shipping a model (predict, export, report, serve)
     p = sub.add_parser(
         "predict",

@@ -436,6 +436,8 @@ class DeviceLoader:
         crop_padding: int = 0,
         seed: int = 0,
         channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise NinError(f"batch size must be at least 1, got {batch_size}")
@@ -449,24 +451,37 @@ class DeviceLoader:
         self.flip = flip
         self.crop_padding = crop_padding
         self.channels_last = channels_last
+        self.rank, self.world_size = rank, world_size
+        # Every rank draws the same order and takes its own shard of it; augmentation differs.
         self.order_generator = torch.Generator().manual_seed(seed)
-        self.augment_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+        self.augment_generator = torch.Generator(device=self.device).manual_seed(
+            seed + 1 + 1000 * rank
+        )
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        return math.ceil(self.num_examples / self.batch_size)
 
     @property
     def num_examples(self) -> int:
-        """Number of examples in one pass."""
-        return len(self.labels)
+        """Number of examples this rank sees in one pass."""
+        n = len(self.labels)
+        if self.shuffle:  # training: every rank gets the same number of steps
+            return n // self.world_size
+        return len(range(self.rank, n, self.world_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches()
+
+    def batches(self, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over this rank's shard, leaving out the first `skip` batches (a resume)."""
         n = len(self.labels)
         if self.shuffle:
             order = torch.randperm(n, generator=self.order_generator).to(self.device)
+            order = order[: self.num_examples * self.world_size]
         else:
             order = torch.arange(n, device=self.device)
-        for start in range(0, n, self.batch_size):
+        order = order[self.rank :: self.world_size]
+        for start in range(skip * self.batch_size, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.prepare(self.images[index]), self.labels[index]
 

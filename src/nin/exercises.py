@@ -192,6 +192,7 @@ def recipe_config(ctx: Context, recipe: str, exercise: str, **overrides: Any) ->
         amp=True,
         channels_last=True,
         collapse_steps=0,  # collapses are counted here, not stopped
+        stuck_steps=0,
     )
     kwargs = {**values.get("model_kwargs", {}), **overrides.pop("model_kwargs", {})}
     return TrainConfig(**{**values, **overrides, "model_kwargs": kwargs})

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nin.checkpoint import save_checkpoint
+from nin.checkpoint import BEST, CONFIG, LAST, load_state, save_checkpoint, save_state, save_tensors
 from nin.data import DeviceLoader, dataset_spec, load_split
+from nin.distributed import World, all_gather, all_reduce, broadcast_text, close_world, init_world
 from nin.errors import NinError
-from nin.files import save_figure
+from nin.files import atomic_path, save_figure, write_json
 from nin.models import count_parameters, create_model, model_info, xavier_init_
 
 
@@ -61,6 +62,9 @@ class TrainConfig:
     train_subset: int | None = None  # use the first N training examples
     holdout: int = 0  # the last N training examples become a validation split; test is not read
     collapse_steps: int = 100  # stop once every image has got the same logits this many steps
+    stuck_steps: int = 1000  # stop once loss ≈ ln(classes) and accuracy ≈ chance this many steps
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
+    deterministic: bool = False  # deterministic algorithms only (bit-exact resume on CPU)
     test_subset: int | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -184,7 +188,7 @@ def make_config(preset: str = "compact", scale_lr: bool = False, **overrides: An
     config = TrainConfig(preset=preset, **values)
     model_info(config.model)
     dataset_spec(config.dataset)
-    for name in ("holdout", "collapse_steps"):
+    for name in ("holdout", "collapse_steps", "stuck_steps", "checkpoint_every"):
         if getattr(config, name) < 0:
             raise NinError(
                 f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}"
@@ -207,8 +211,36 @@ def make_config(preset: str = "compact", scale_lr: bool = False, **overrides: An
     return config
 
 
-def pick_device(requested: str | None = None) -> tuple[torch.device, str]:
-    """The device to train on, and why it was chosen: CUDA, then Apple MPS, then CPU."""
+def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
+    """The saved config of a run to resume; only where it runs (`data_dir`, `device`) may change."""
+    from nin.checkpoint import read_config
+
+    saved = read_config(Path(run_dir))
+    changed = sorted(k for k, v in overrides.items() if v is not None and k not in RESUMABLE)
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise NinError(
+            f"--resume continues {run_dir} with its saved settings; drop {flags} (only "
+            "--data-dir and --device may change), or start a new run with another --out"
+        )
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in fields}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**{**values, "out": str(run_dir)})
+
+
+RESUMABLE = ("data_dir", "device")
+
+
+def pick_device(
+    requested: str | None = None, world: World | None = None
+) -> tuple[torch.device, str]:
+    """The device to train on, and why it was chosen: CUDA, then Apple MPS, then CPU.
+
+    Under torchrun each process takes the GPU of its local rank.
+    """
+    if world and world.active and not requested and torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank), f"local rank {world.local_rank}"
     if requested:
         try:
             device = torch.device(requested)
@@ -250,12 +282,21 @@ def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
 
 
-def make_loader(config: TrainConfig, split: str, device: torch.device) -> DeviceLoader:
+def make_loader(
+    config: TrainConfig, split: str, device: torch.device, world: World | None = None
+) -> DeviceLoader:
     """The loader of one split on `device`: shuffled and augmented for train, plain otherwise.
 
     `split` is "train", "test", or "val": the last `config.holdout` training examples, which
-    the "train" split then leaves out.
+    the "train" split then leaves out. Under torchrun each process gets its shard of every
+    batch: `config.batch_size` is the global batch.
     """
+    world = world or World()
+    if config.batch_size % world.size:
+        raise NinError(
+            f"--batch-size {config.batch_size} must divide evenly among the {world.size} "
+            "processes (it is the global batch)"
+        )
     spec = dataset_spec(config.dataset)
     images, labels = load_split(
         config.dataset, "test" if split == "test" else "train", config.data_dir
@@ -268,12 +309,17 @@ def make_loader(config: TrainConfig, split: str, device: torch.device) -> Device
     elif training:
         keep = len(labels) - config.holdout
         images, labels = images[:keep][: config.train_subset], labels[:keep][: config.train_subset]
+        if config.batch_size > len(labels):
+            raise NinError(
+                f"--batch-size {config.batch_size} is larger than the {len(labels)} training "
+                "examples; use a smaller --batch-size"
+            )
     else:
         images, labels = images[: config.test_subset], labels[: config.test_subset]
     return DeviceLoader(
         images,
         labels,
-        config.batch_size,
+        config.batch_size // world.size,
         device=device,
         shuffle=training,
         resize=config.resize,
@@ -283,6 +329,8 @@ def make_loader(config: TrainConfig, split: str, device: torch.device) -> Device
         crop_padding=config.crop_padding if training else 0,
         seed=config.seed,
         channels_last=config.channels_last,
+        rank=world.rank,
+        world_size=world.size,
     )
 
 
@@ -332,43 +380,85 @@ def train_step(
     return logits.detach()
 
 
-class CollapseWatch:
-    """Spots the chapter's collapse: the same logits for every image, step after step.
+class TrainingWatch:
+    """Spots a failed run early: a non-finite loss, a collapse, or a loss stuck at chance.
 
-    When the ReLU before global average pooling dies (or any whole ReLU layer), the network
-    stops looking at its input: every image gets the same logits, accuracy sits at chance, the
-    loss near ln(classes), and no gradient can revive it. The largest difference between any
-    image's logits and the first image's is kept on the device and read once per `window`
-    steps, so watching costs no host synchronisation per step.
+    Collapse is the chapter's failure: when the ReLU before global average pooling dies (or
+    any whole ReLU layer), every image gets the same logits, accuracy sits at chance, the loss
+    near ln(classes), and no gradient can revive it. A run can also be stuck there without
+    identical logits. The watch keeps its sums on the device and reads them once per `window`
+    steps (or when `poll` is called before a checkpoint), so it costs no sync per step.
     """
 
-    def __init__(self, steps: int, device: torch.device, window: int = 50) -> None:
-        self.steps = steps
-        self.window = max(1, min(window, steps))
-        self.spread = torch.zeros((), device=device)
-        self.seen = 0
+    def __init__(
+        self,
+        collapse_steps: int,
+        stuck_steps: int,
+        num_classes: int,
+        device: torch.device,
+        world: World | None = None,
+        window: int = 50,
+    ) -> None:
+        self.collapse_steps, self.stuck_steps = collapse_steps, stuck_steps
+        self.num_classes = num_classes
+        self.world = world or World()
+        self.window = max(1, min([window, *(s for s in (collapse_steps, stuck_steps) if s)]))
+        # Since the last poll: largest spread of logits, loss sum, correct, non-finite losses.
+        self.sums = torch.zeros(4, device=device)
+        self.pending = 0  # steps since the last poll
+        self.count = 0  # examples since the last poll
         self.flat = 0  # consecutive steps with the same logits for every image
+        self.stuck = 0  # consecutive steps with loss ≈ ln(classes) and accuracy ≈ chance
+        self.reason = ""
 
-    def update(self, logits: torch.Tensor) -> bool:
-        """Record one step's logits; True once the run has been flat for `steps` steps."""
-        if not self.steps:
-            return False
+    def update(self, logits: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor) -> bool:
+        """Record one step (logits, summed loss, correct count); True once the run has failed."""
         spread = (logits - logits[:1]).abs().amax().float()
-        self.spread = torch.maximum(self.spread, spread)
-        self.seen += 1
-        if self.seen % self.window:
-            return False
-        self.flat = self.flat + self.window if self.spread.item() == 0 else 0
-        self.spread.zero_()
-        return self.flat >= self.steps
+        nonfinite = (~torch.isfinite(loss_sum)).float()
+        step = torch.stack([spread, loss_sum.float(), correct.float(), nonfinite])
+        self.sums = torch.cat([torch.maximum(self.sums[:1], step[:1]), self.sums[1:] + step[1:]])
+        self.pending += 1
+        self.count += len(logits)
+        return self.pending >= self.window and self.poll()
 
-    def message(self, epoch: int, num_classes: int, lr: float) -> str:
-        """What happened and what to try, in one line."""
+    def poll(self) -> bool:
+        """Read the sums since the last poll (one sync); True once the run has failed."""
+        if not self.pending:
+            return bool(self.reason)
+        spread = all_reduce(self.sums[:1], self.world, "max").item()
+        count = torch.tensor([float(self.count)], device=self.sums.device)
+        rest = all_reduce(torch.cat([self.sums[1:], count]), self.world)
+        loss, correct, nonfinite, count = rest.tolist()
+        steps, self.pending, self.count = self.pending, 0, 0
+        self.sums.zero_()
+        chance = math.log(self.num_classes)
+        self.flat = self.flat + steps if spread == 0 else 0
+        stuck = abs(loss / count - chance) < 0.05 and correct / count < 1.5 / self.num_classes
+        self.stuck = self.stuck + steps if stuck else 0
+        if nonfinite or not math.isfinite(loss):
+            self.reason = "diverged"
+        elif self.collapse_steps and self.flat >= self.collapse_steps:
+            self.reason = "collapsed"
+        elif self.stuck_steps and self.stuck >= self.stuck_steps:
+            self.reason = "stuck"
+        return bool(self.reason)
+
+    def state(self) -> dict[str, Any]:
+        """The counters a resume needs (call `poll` first)."""
+        return {"flat": self.flat, "stuck": self.stuck}
+
+    def message(self, epoch: int, lr: float, kept: str) -> str:
+        """What happened, what was kept, and what to try, in one line."""
+        ln = f"ln {self.num_classes} = {math.log(self.num_classes):.3f}"
+        what = {
+            "diverged": "the loss became infinite or NaN (the weights blew up)",
+            "collapsed": f"every image has got the same logits for the last {self.flat} steps, "
+            f"so accuracy is stuck at chance and the loss near {ln} (a ReLU layer, usually the "
+            "one before global average pooling, died and cannot recover)",
+            "stuck": f"the loss has stayed at {ln} with accuracy at chance for {self.stuck} steps",
+        }[self.reason]
         return (
-            f"training collapsed in epoch {epoch}: every image has got the same logits for "
-            f"the last {self.flat} steps, so accuracy is stuck at chance and the loss near "
-            f"ln {num_classes} = {math.log(num_classes):.3f} (a ReLU layer, usually the one "
-            "before global average pooling, died and cannot recover); try a lower --lr (now "
+            f"training {self.reason} in epoch {epoch}: {what}; {kept}; try a lower --lr (now "
             f"{lr}), another --seed, or --preset compact (batch norm, no ReLU before pooling)"
         )
 
@@ -392,27 +482,36 @@ def accuracy(confusion: torch.Tensor) -> float:
     return confusion.trace().item() / max(confusion.sum().item(), 1)
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train as `config` says; write checkpoint, metrics and curves.
+def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool = False) -> dict:
+    """Train as `config` says, checkpointing as it goes; with `resume`, continue the run saved in
+    `config.out` exactly where its last checkpoint left it.
 
     Returns the final metrics, the per-epoch history, the run directory and the trained model.
+    Under torchrun every process calls this; rank 0 alone logs and writes files.
     """
-    device, why = pick_device(config.device)
+    world = init_world()
+    if not world.main:
+        log = no_log
+    run_dir = prepare_run_dir(config, world, resume)
+    device, why = pick_device(config.device, world)
     log(
         f"nin: preset {config.preset} ({PRESET_NOTES[config.preset]}) on {device} ({why}); "
         f"{config.model} on {config.dataset}"
+        + (f"; {world.size} processes, global batch {config.batch_size}" if world.active else "")
     )
     if config.preset == "d2l" and device.type == "cpu":
         log(
             "nin: note: the chapter's setting trains at about 30 images/s on 2 CPU cores "
             "(~5.5 hours for 10 epochs); it is meant for a GPU"
         )
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
     torch.manual_seed(config.seed)
-    train_loader = make_loader(config, "train", device)
+    train_loader = make_loader(config, "train", device, world)
     # With a holdout, every accuracy during training is validation accuracy; test is untouched.
     eval_split = "val" if config.holdout else "test"
     eval_key = f"{eval_split}_acc"
-    eval_loader = make_loader(config, eval_split, device)
+    eval_loader = make_loader(config, eval_split, device, world)
     num_classes = len(dataset_spec(config.dataset).classes)
     in_channels = train_loader.images.shape[1]
     model = create_model(
@@ -422,14 +521,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         xavier_init_(model)
     place_model(model, device, config.channels_last)
     check_input_size(model, train_loader, config.model)
-
-    run_dir = Path(config.out) if config.out else new_run_dir(config.preset)
-    metrics_path = run_dir / "metrics.jsonl"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
-    except OSError as e:
-        raise NinError(f"cannot write to {run_dir} ({e.strerror}); choose --out") from None
+    if world.active:  # the same weights everywhere (DDP broadcasts them), other dropout masks
+        torch.manual_seed(config.seed + 1000 * world.rank)
 
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -439,14 +532,16 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         weight_decay=config.weight_decay,
         fused=config.fused or None,
     )
-    # The compiled module shares the model's parameters: the checkpoint saves `model` itself.
-    step_model = torch.compile(model) if config.compile else model
+    step_model = wrap_model(model, device, world, config.compile)
     scaler = grad_scaler(device, config.amp)
-    steps = config.epochs * len(train_loader)
+    steps_per_epoch = len(train_loader)
     scheduler = (
         # cycle_momentum=False: the momentum that runs is the one in the config.
         torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=steps, cycle_momentum=False
+            optimizer,
+            max_lr=config.lr,
+            total_steps=config.epochs * steps_per_epoch,
+            cycle_momentum=False,
         )
         if config.schedule == "onecycle"
         else None
@@ -454,41 +549,116 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     saved = {
         **dataclasses.asdict(config),
+        "out": str(run_dir),
         "num_classes": num_classes,
         "in_channels": in_channels,
         "parameters": count_parameters(model),
         "environment": environment(device),
+        "world_size": world.size,
     }
-    history: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    watch = CollapseWatch(config.collapse_steps, device)
-    for epoch in range(1, config.epochs + 1):
+    watch = TrainingWatch(config.collapse_steps, config.stuck_steps, num_classes, device, world)
+    # Where the run stands: epoch and batches done in it, and sums that span a checkpoint.
+    progress: dict[str, Any] = {
+        "epoch": 1,
+        "step": 0,
+        "history": [],
+        "epoch_seconds": 0.0,
+        "best_acc": -1.0,
+    }
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    order_state = train_loader.order_generator.get_state()
+    if resume:
+        progress, sums, order_state = restore_training(
+            run_dir / LAST,
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            train_loader,
+            watch,
+            world,
+            config.model,
+            config.epochs,
+        )
+        loss_sum.copy_(sums[0]), correct.copy_(sums[1])
+        log(f"nin: resuming {run_dir} at epoch {progress['epoch']}, step {progress['step']}")
+    elif world.main:
+        write_json(run_dir / CONFIG, saved)
+    metrics_path = run_dir / "metrics.jsonl"
+    if world.main:  # the log holds exactly the epochs the checkpoint holds: none twice or lost
+        with atomic_path(metrics_path) as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in progress["history"]))
+
+    def checkpoint(epoch: int, step: int) -> None:
+        """Save everything a resume needs to last.safetensors (collective; rank 0 writes)."""
+        if watch.poll():  # never save weights from after a divergence
+            fail(epoch)
+        tensors = {
+            "progress.loss_sum": all_reduce(loss_sum, world),
+            "progress.correct": all_reduce(correct, world),
+            "rng.order": order_state,
+            **rng_tensors(train_loader, device, world),
+            **optimizer_tensors(optimizer),
+        }
+        state = {
+            **progress,
+            "epoch": epoch,
+            "step": step,
+            "model": config.model,
+            "world_size": world.size,
+            "optimizer": optimizer_scalars(optimizer),
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "scaler": scaler.state_dict(),
+            "watch": watch.state(),
+        }
+        if world.main:
+            save_state(run_dir / LAST, model, tensors, state)
+
+    def fail(epoch: int) -> None:
+        last = run_dir / LAST
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
+        raise NinError(watch.message(epoch, config.lr, kept))
+
+    for epoch in range(progress["epoch"], config.epochs + 1):
         model.train()
-        # Metrics accumulate on the device and are read once per epoch: no sync per step.
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        start = time.perf_counter()
+        skip, progress["step"] = progress["step"], 0
+        train_loader.order_generator.set_state(order_state)  # this epoch's order, drawn again
+        start = time.perf_counter() - progress["epoch_seconds"]
         # The bar shows on a terminal only (disable=None), so logs stay clean.
-        bar = tqdm(train_loader, f"epoch {epoch}/{config.epochs}", leave=False, disable=None)
-        for x, y in bar:
+        bar = tqdm(
+            train_loader.batches(skip),
+            f"epoch {epoch}/{config.epochs}",
+            total=steps_per_epoch,
+            initial=skip,
+            leave=False,
+            disable=None if world.main else True,
+        )
+        for step, (x, y) in enumerate(bar, start=skip + 1):
             logits = train_step(step_model, x, y, optimizer, loss_fn, config.amp, scaler)
             if scheduler:
                 scheduler.step()
             # Report plain cross-entropy (as the chapter does), whatever the smoothing.
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            if watch.update(logits):
-                raise NinError(watch.message(epoch, num_classes, config.lr))
-        n = train_loader.num_examples
-        train_loss, train_acc = loss_sum.item() / n, correct.item() / n
+            batch_loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            batch_correct = (logits.argmax(1) == y).sum()
+            loss_sum += batch_loss
+            correct += batch_correct
+            if watch.update(logits, batch_loss, batch_correct):
+                fail(epoch)
+            every = config.checkpoint_every
+            global_step = (epoch - 1) * steps_per_epoch + step
+            if every and global_step % every == 0 and step < steps_per_epoch:
+                progress["epoch_seconds"] = time.perf_counter() - start
+                checkpoint(epoch, step)
+        n = train_loader.num_examples * world.size
+        train_loss = all_reduce(loss_sum, world).item() / n
+        train_acc = all_reduce(correct, world).item() / n
         seconds = time.perf_counter() - start
-        train_seconds += seconds
-        if not math.isfinite(train_loss):
-            raise NinError(
-                f"training diverged in epoch {epoch} (loss {train_loss}); "
-                f"lower the learning rate (now --lr {config.lr})"
-            )
-        confusion = evaluate(model, eval_loader, num_classes, config.amp)
+        loss_sum.zero_(), correct.zero_()
+        if watch.poll() or not math.isfinite(train_loss):
+            watch.reason = watch.reason or "diverged"
+            fail(epoch)
+        confusion = all_reduce(evaluate(model, eval_loader, num_classes, config.amp), world)
         row = {
             "epoch": epoch,
             "loss": train_loss,
@@ -498,16 +668,29 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
             "epoch_seconds": seconds,
             "lr": optimizer.param_groups[0]["lr"],
         }
-        history.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        progress["history"].append(row)
+        progress["epoch_seconds"] = 0.0
+        if world.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if row[eval_key] > progress["best_acc"]:
+                progress["best_acc"] = row[eval_key]
+                save_tensors(
+                    run_dir / BEST,
+                    model.state_dict(),
+                    {"model": config.model, "epoch": str(epoch), eval_key: str(row[eval_key])},
+                )
+        order_state = train_loader.order_generator.get_state()  # the next epoch's order
+        checkpoint(epoch + 1, 0)
         log(
             f"epoch {epoch}/{config.epochs}: loss {train_loss:.3f}, train acc {train_acc:.3f}, "
             f"{eval_split} acc {row[eval_key]:.3f}, {row['examples_per_sec']:.1f} examples/sec"
         )
 
+    history = progress["history"]
     final = history[-1]
-    speed = config.epochs * train_loader.num_examples / train_seconds
+    train_seconds = sum(row["epoch_seconds"] for row in history)
+    speed = len(history) * train_loader.num_examples * world.size / train_seconds
     saved["result"] = {
         "loss": final["loss"],
         "train_acc": final["train_acc"],
@@ -516,22 +699,153 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         "train_seconds": train_seconds,
         "per_class_acc": per_class_accuracy(confusion),
     }
-    save_checkpoint(run_dir, model, saved)
-    plot_curves(history, run_dir / "curves.png", title=f"{config.model}, preset {config.preset}")
+    if world.main:
+        save_checkpoint(run_dir, model, saved)
+        title = f"{config.model}, preset {config.preset}"
+        plot_curves(history, run_dir / "curves.png", title=title)
     log(f"saved {run_dir / 'model.safetensors'}, metrics.jsonl, curves.png")
     # The chapter's closing line.
     log(
         f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, "
         f"{eval_split} acc {final[eval_key]:.3f}, {speed:.1f} examples/sec on {device}"
     )
+    close_world(world)
     return {
         **saved["result"],
         "device": str(device),
         "run_dir": str(run_dir),
         "history": history,
-        "train_examples": train_loader.num_examples,
+        "train_examples": train_loader.num_examples * world.size,
         "model": model,
     }
+
+
+def no_log(message: str) -> None:
+    """The log of every process but rank 0: silent."""
+
+
+def prepare_run_dir(config: TrainConfig, world: World, resume: bool) -> Path:
+    """The run directory, checked writable before any expensive work (rank 0 creates it)."""
+    if resume:
+        run_dir = Path(config.out or "")
+        if not (run_dir / LAST).is_file():
+            raise NinError(
+                f"{run_dir / LAST}: not found; --resume takes a run directory that `nin train` "
+                "has checkpointed (it writes last.safetensors at every epoch end)"
+            )
+        return run_dir
+    chosen = str(config.out) if config.out else str(new_run_dir(config.preset))
+    run_dir = Path(broadcast_text(chosen, world))
+    if not world.main:
+        return run_dir
+    if (run_dir / LAST).exists() or (run_dir / CONFIG).exists():
+        raise NinError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
+            "another --out"
+        )
+    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(run_dir / ".write-test"):
+            pass  # a file is made, synced and removed: the directory takes files
+        (run_dir / ".write-test").unlink()
+    except (OSError, NinError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        raise NinError(f"cannot write to {run_dir} ({reason}); choose another --out") from None
+    finally:  # leave no empty directories behind if the run fails before it writes anything
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    return run_dir
+
+
+def wrap_model(model: nn.Module, device: torch.device, world: World, compile: bool) -> nn.Module:
+    """The module the training step calls: DistributedDataParallel across processes and/or
+    torch.compile'd; it shares `model`'s parameters, so checkpoints save `model` itself."""
+    if world.active:
+        ids = [device.index] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(model) if compile else model
+
+
+def rng_tensors(loader: DeviceLoader, device: torch.device, world: World) -> dict:
+    """Every process's random states (torch, CUDA, augmentation), keyed by name and rank."""
+    mine = {"torch": torch.get_rng_state(), "augment": loader.augment_generator.get_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    return {
+        f"rng.{name}.{rank}": state
+        for name, t in mine.items()
+        for rank, state in enumerate(all_gather(t, world))
+    }
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter tensors (momentum buffers), keyed optimizer.<i>.<name>."""
+    return {
+        f"optimizer.{i}.{name}": value
+        for i, slots in optimizer.state_dict()["state"].items()
+        for name, value in slots.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def optimizer_scalars(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The rest of the optimizer's state, as JSON: param groups and non-tensor slots."""
+    state = optimizer.state_dict()
+    return {
+        "param_groups": state["param_groups"],
+        "slots": {
+            str(i): {k: v for k, v in slots.items() if not isinstance(v, torch.Tensor)}
+            for i, slots in state["state"].items()
+        },
+    }
+
+
+def restore_training(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    loader: DeviceLoader,
+    watch: TrainingWatch,
+    world: World,
+    name: str,
+    epochs: int,
+) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Load a training-state file into every piece of the run; returns the progress, this
+    process's partial-epoch sums, and the order generator's state at the epoch's start."""
+    tensors, state = load_state(path, model, name)
+    if state.get("world_size", 1) != world.size:
+        raise NinError(
+            f"{path}: saved by {state.get('world_size', 1)} processes; resume it with the same "
+            f"number (now {world.size}), so each process gets its own random state back"
+        )
+    if state["epoch"] > epochs:
+        raise NinError(f"{path.parent}: this run has already finished all {epochs} epochs")
+    slots: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, i, slot = key.split(".", 2)
+            slots.setdefault(int(i), {})[slot] = value
+    for i, rest in state["optimizer"]["slots"].items():
+        slots.setdefault(int(i), {}).update(rest)
+    optimizer.load_state_dict({"state": slots, "param_groups": state["optimizer"]["param_groups"]})
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(tensors[f"rng.torch.{world.rank}"])
+    if f"rng.cuda.{world.rank}" in tensors and loader.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.{world.rank}"], loader.device)
+    loader.augment_generator.set_state(tensors[f"rng.augment.{world.rank}"])
+    watch.flat, watch.stuck = state["watch"]["flat"], state["watch"]["stuck"]
+    sums = (tensors["progress.loss_sum"], tensors["progress.correct"])
+    if not world.main:  # the saved sums are over every process: rank 0 carries them
+        sums = (torch.zeros_like(sums[0]), torch.zeros_like(sums[1]))
+    progress = {k: state[k] for k in ("epoch", "step", "history", "epoch_seconds", "best_acc")}
+    return progress, sums, tensors["rng.order"]
 
 
 def new_run_dir(preset: str) -> Path:
