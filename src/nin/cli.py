@@ -209,6 +209,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(predictor, args.model or args.checkpoint, args.host, args.port)
 
 
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object such as '{"batch_norm": false}'."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line gets one line (no usage block), like every nin error."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the problem and where to read more, then exit with status 2."""
+        self.exit(2, f"nin: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from nin.data import DATASETS
@@ -361,7 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         "image is padded to a square and shrunk to the model's input.",
     )
     p.add_argument(
-        "inputs", nargs="+", metavar="CHECKPOINT PATH", help="a run directory, then images"
+        "inputs",
+        nargs="+",
+        metavar="PATH",
+        help="CHECKPOINT (a run directory), then PNG/JPEG files or folders; with --model, "
+        "images only",
     )
     p.add_argument(
         "--model", metavar="NAME", help="a bundled model (fashion-mnist) instead of a CHECKPOINT"

@@ -11,7 +11,8 @@ from torch import nn
 from nin.errors import NinError
 
 # name -> (folder beside this file, what it is). Each folder is a run directory of `nin train`
-# (model.safetensors + config.json) plus metrics.json: how it was trained and what it scored.
+# (model.safetensors, config.json, metrics.jsonl), so `nin eval`, `nin report` and `nin export`
+# take it as they are, plus metrics.json: the command that trained it, where, and its score.
 PRETRAINED: dict[str, tuple[str, str]] = {
     "fashion-mnist": ("fashion-mnist", "nin_compact trained on Fashion-MNIST (preset compact)"),
 }
