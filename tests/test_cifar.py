@@ -78,7 +78,8 @@ def served(tmp_path_factory):
         return QuietHandler(*args, directory=str(root), **kwargs)
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    # A short poll interval: shutdown() waits up to one interval.
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/", root
     httpd.shutdown()
     httpd.server_close()
