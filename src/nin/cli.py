@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from nin import __version__
 from nin.errors import NinError
@@ -232,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from nin.data import DATASETS
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nin", description="Network in Network: build, inspect, train and evaluate NiN."
     )
     parser.add_argument("--version", action="version", version=f"nin {__version__}")
@@ -301,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale-lr",
         action="store_true",
         help="with --batch-size: scale the preset's lr by new batch / preset batch (linear rule)",
+    )
+    p.add_argument(
+        "--model-kwargs",
+        type=json_object,
+        metavar="JSON",
+        help='keyword arguments of the model, e.g. \'{"batch_norm": false, "dropout": 0}\'',
     )
     p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, help="seeds the weights, the data order, augmentation")

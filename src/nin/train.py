@@ -186,8 +186,18 @@ def make_config(preset: str = "compact", scale_lr: bool = False, **overrides: An
     if scale_lr and overrides.get("lr") is None and overrides.get("batch_size"):
         base = PRESETS[preset].get("batch_size", TrainConfig.batch_size)
         values["lr"] = PRESETS[preset].get("lr", TrainConfig.lr) * values["batch_size"] / base
+    if overrides.get("model_kwargs"):  # on top of the preset's, not instead of them
+        values["model_kwargs"] = {
+            **PRESETS[preset].get("model_kwargs", {}),
+            **overrides["model_kwargs"],
+        }
     config = TrainConfig(preset=preset, **values)
     model_info(config.model)
+    try:
+        with torch.device("meta"):  # builds the model without allocating its weights
+            create_model(config.model, **config.model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise NinError(f"--model-kwargs do not fit {config.model!r} ({e})") from None
     dataset_spec(config.dataset)
     for name in ("holdout", "collapse_steps", "stuck_steps", "checkpoint_every"):
         if getattr(config, name) < 0:
