@@ -101,6 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from nin.data import dataset_spec
     from nin.train import (
         accuracy,
+        check_input_size,
         evaluate,
         make_config,
         make_loader,
@@ -116,6 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     test_loader = make_loader(config, "test", device)
     num_classes = saved["num_classes"]
     place_model(model, device, config.channels_last)
+    check_input_size(model, test_loader, config.model)
     confusion = evaluate(model, test_loader, num_classes, config.amp)
     classes = dataset_spec(config.dataset).classes
     print(f"{config.model} on {config.dataset} test split ({test_loader.num_examples} images)")

@@ -354,6 +354,8 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
         raise NinError(
             f"{path}: IDX dims {dims} need {expected} bytes but the file holds {len(data)}; {fix}"
         )
+    if expected == header:  # a zero dim: torch.frombuffer refuses an empty buffer
+        return torch.empty(dims, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
 
 

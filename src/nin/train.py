@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -755,18 +756,18 @@ def prepare_run_dir(config: TrainConfig, world: World, resume: bool) -> Path:
             "another --out"
         )
     made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    probe = run_dir / ".write-test"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_dir / ".write-test"):
-            pass  # a file is made, synced and removed: the directory takes files
-        (run_dir / ".write-test").unlink()
-    except (OSError, NinError) as e:
-        reason = e.strerror if isinstance(e, OSError) else str(e)
-        raise NinError(f"cannot write to {run_dir} ({reason}); choose another --out") from None
-    finally:  # leave no empty directories behind if the run fails before it writes anything
-        for d in made:
+        with open(probe, "wb") as f:  # a byte on disk: the directory takes files, there is room
+            f.write(b"\0")
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise NinError(f"cannot write to {run_dir} ({e.strerror}); choose another --out") from None
+    finally:  # leave nothing behind, not even an empty directory, if the run fails early
+        for leftover in (probe, *made):
             with contextlib.suppress(OSError):
-                d.rmdir()
+                leftover.unlink() if leftover is probe else leftover.rmdir()
     return run_dir
 
 
