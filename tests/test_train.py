@@ -339,3 +339,38 @@ def test_float16_autocast_with_loss_scaling_trains(data_dir, monkeypatch):
         assert logits.dtype == torch.float16
         losses.append(torch.nn.functional.cross_entropy(logits.float(), y).item())
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
+    data_dir, tmp_path, monkeypatch
+):
+    import nin.train
+    from nin.checkpoint import LAST, read_tensors
+
+    real_step = nin.train.train_step
+    calls = []
+
+    def blow_up_at_step_7(model, x, *args):
+        calls.append(1)
+        if len(calls) == 7:  # the weights blow up, as a too-high learning rate would make them
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("inf"))
+        return real_step(model, x, *args)
+
+    monkeypatch.setattr(nin.train, "train_step", blow_up_at_step_7)
+    config = make_config(
+        "compact", data_dir=str(data_dir), out=str(tmp_path), train_subset=1024,
+        test_subset=128, epochs=2, batch_size=64, checkpoint_every=3,
+    )  # fmt: skip
+    with pytest.raises(NinError, match=r"training diverged in epoch 1: the loss became infinite"):
+        train(config, log=lambda line: None)
+    calls.clear()
+    with pytest.raises(NinError) as error:
+        train(make_config(**{**vars(config), "out": str(tmp_path / "b")}), log=lambda line: None)
+    assert f"the last good checkpoint is {tmp_path / 'b' / LAST}; try a lower --lr" in str(
+        error.value
+    )
+    tensors, metadata = read_tensors(tmp_path / LAST)
+    assert json.loads(metadata["state"])["step"] == 6  # saved before the blow-up, never after
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model."))

@@ -469,10 +469,10 @@ class TrainingWatch:
             "one before global average pooling, died and cannot recover)",
             "stuck": f"the loss has stayed at {ln} with accuracy at chance for {self.stuck} steps",
         }[self.reason]
-        return (
-            f"training {self.reason} in epoch {epoch}: {what}; {kept}; try a lower --lr (now "
-            f"{lr}), another --seed, or --preset compact (batch norm, no ReLU before pooling)"
-        )
+        fix = f"try a lower --lr (now {lr}) or another --seed"
+        if self.reason != "diverged":
+            fix += ", or --preset compact (batch norm, no ReLU before pooling)"
+        return f"training {self.reason} in epoch {epoch}: {what}; {kept}; {fix}"
 
 
 @torch.inference_mode()
