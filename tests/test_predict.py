@@ -199,3 +199,21 @@ def test_unknown_bundled_model(tmp_path: Path, capsys) -> None:
     with pytest.raises(NinError, match="not both"):
         load_predictor("run", "fashion-mnist")
     assert isinstance(Predictor, type)
+
+
+def test_bundled_files_are_package_data() -> None:
+    """Every bundled file matches pyproject's package-data, so wheels carry it."""
+    tomllib = pytest.importorskip("tomllib")
+    from importlib import resources
+
+    from nin.pretrained import PRETRAINED
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["nin.pretrained"]
+    for folder, _ in PRETRAINED.values():
+        root = Path(str(resources.files("nin.pretrained")))
+        files = sorted(p.relative_to(root) for p in (root / folder).iterdir())
+        names = [f.name for f in files]
+        assert names == ["config.json", "metrics.json", "metrics.jsonl", "model.safetensors"]
+        assert all(any(f.match(g) for g in globs) for f in files)
+        assert sum((root / f).stat().st_size for f in files) < 3_000_000

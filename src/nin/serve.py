@@ -134,7 +134,7 @@ h1 { margin-bottom: 0.1em; } .sub { color: #666; margin-top: 0; }
 canvas { background: #000; border-radius: 4px; cursor: crosshair; touch-action: none; }
 #seen { width: 112px; height: 112px; image-rendering: pixelated; border: 1px solid #ccc;
         background: #000; }
-#error { color: #b22; font-weight: 600; min-height: 1.4em; }
+#error { color: #b22; font-weight: 600; } #error:empty { display: none; }
 #results { list-style: none; padding: 0; margin: 0; min-width: 300px; }
 #results li { display: grid; grid-template-columns: 130px 60px 1fr; gap: 8px;
               align-items: center; margin: 4px 0; }
