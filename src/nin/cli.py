@@ -196,8 +196,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     if args.test_subset is not None and args.test_subset < 1:
         raise NinError(f"--test-subset must be at least 1, got {args.test_subset}")
-    path = write_report(args.run_dir, args.out, args.data_dir, args.test_subset, args.device)
-    print(f"wrote {path}")
+    path, summary = write_report(
+        args.run_dir, args.out, args.data_dir, args.test_subset, args.device
+    )
+    print(summary)
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, self-contained)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -177,8 +177,8 @@ def build_report(
     data_dir: str | os.PathLike | None = None,
     test_subset: int | None = None,
     device: str | None = None,
-) -> str:
-    """The HTML of the report on `run_dir`."""
+) -> tuple[str, str]:
+    """The HTML of the report on `run_dir`, and a one-line summary of what it found."""
     run_dir = Path(run_dir)
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
     found = predict_test_split(run_dir, data_dir, test_subset, device)
@@ -263,11 +263,13 @@ def build_report(
         f"{table(sorted(trained.items()))}<h3>Where this report was made</h3>"
         f"{table(sorted(now.items()))}</section>"
     )
-    return (
+    page = (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>'
         f"{html.escape(title)} — nin report</title><style>{STYLE}</style></head>\n"
         f"<body>{''.join(parts)}</body></html>\n"
     )
+    summary = f"{title}: test acc {acc:.4f} on {n} test images ({n - int(confusion.trace())} wrong)"
+    return page, summary
 
 
 def write_report(
@@ -276,11 +278,12 @@ def write_report(
     data_dir: str | os.PathLike | None = None,
     test_subset: int | None = None,
     device: str | None = None,
-) -> Path:
-    """Write the report on `run_dir` (default: RUN_DIR/report.html), atomically."""
-    page = build_report(run_dir, data_dir, test_subset, device)
+) -> tuple[Path, str]:
+    """Write the report on `run_dir` (default: RUN_DIR/report.html), atomically; return its
+    path and a one-line summary."""
+    page, summary = build_report(run_dir, data_dir, test_subset, device)
     run = Path(run_dir)
     path = Path(out) if out else (run if run.is_dir() else run.parent) / "report.html"
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
-    return path
+    return path, summary
