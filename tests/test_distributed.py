@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from nin.checkpoint import LAST, read_tensors
-from tests.test_resume import saved_step
+from tests.test_resume import run_metrics, saved_step
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -101,6 +101,9 @@ def test_two_processes_resume_exactly_after_a_kill(data_dir, tmp_path):
     a, _ = read_tensors(straight / "model.safetensors")
     b, _ = read_tensors(killed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Each process's partial sums come back to it: the log matches to the last digit.
+    assert run_metrics(killed) == run_metrics(straight)
+    assert all(0 <= row["train_acc"] <= 1 for row in run_metrics(straight))
     # Resuming with another number of processes is refused: each has its own random state.
     (killed / "model.safetensors").unlink()
     single = [sys.executable, "-m", "nin", "train", "--resume", str(killed)]

@@ -26,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nin.checkpoint import save_checkpoint
+from nin.checkpoint import save_checkpoint, save_state
 from nin.cli import main
 from nin.data import DATASETS, read_idx
 from nin.errors import NinError
@@ -224,6 +224,17 @@ def resume(flags: tuple[str, ...] = (), finished: bool = False) -> Callable:
     return argv
 
 
+def damaged_state(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    data = tiny_mnist(tmp, monkeypatch)
+    run = tmp / "run"
+    common = ["--dataset", "mnist", "--data-dir", data, "--batch-size", "32"]
+    assert main(["train", *common, "--epochs", "2", "--out", str(run)]) == 0
+    (run / "model.safetensors").unlink()
+    state = {"epoch": 1, "model": "nin_compact", "world_size": 1, "device_type": "cpu"}
+    save_state(run / "last.safetensors", create_model("nin_compact"), {}, state)
+    return ["train", "--resume", str(run)]
+
+
 def plain(*argv: str) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
     """A command that needs no files."""
     return lambda tmp, monkeypatch: list(argv)
@@ -314,6 +325,8 @@ CASES = [
          "drop --lr"),
     Case("checkpoint", "resume a finished run", resume(finished=True),
          "already finished all 1 epochs"),
+    Case("checkpoint", "resume from a damaged training state", damaged_state,
+         "training state incomplete or does not fit this run"),
 ]  # fmt: skip
 MESSAGES: dict[str, str] = {}
 

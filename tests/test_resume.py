@@ -116,3 +116,30 @@ def test_best_checkpoint_holds_the_best_epochs_weights(data_dir, tmp_path):
     _, metadata = read_tensors(out / "best.safetensors")
     assert int(metadata["epoch"]) == best["epoch"]
     assert pytest.approx(float(metadata["test_acc"])) == best["test_acc"]
+
+
+def test_a_run_killed_before_its_final_files_gets_them_on_resume(data_dir, tmp_path):
+    from nin.cli import main
+
+    out = tmp_path / "run"
+    args = ["--data-dir", str(data_dir), "--train-subset", "256", "--test-subset", "64"]
+    assert main(["train", *args, "--epochs", "1", "--batch-size", "64", "--out", str(out)]) == 0
+    final = read_tensors(out / "model.safetensors")[0]
+    (out / "model.safetensors").unlink()  # as if killed between the last checkpoint and it
+    assert main(["train", "--resume", str(out)]) == 0
+    again = read_tensors(out / "model.safetensors")[0]
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    assert len(run_metrics(out)) == 1
+
+
+def test_a_safetensors_header_that_starts_like_a_pickle_still_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    for pad in range(64):  # some header length ends in the byte 0x80, pickle's first byte
+        save_file({"w": torch.ones(2)}, str(path), metadata={"m": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    tensors, _ = read_tensors(path)
+    assert torch.equal(tensors["w"], torch.ones(2))

@@ -350,15 +350,16 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
     real_step = nin.train.train_step
     calls = []
 
-    def blow_up_at_step_7(model, x, *args):
+    def blow_up_at_step_6(model, x, *args):
+        logits = real_step(model, x, *args)
         calls.append(1)
-        if len(calls) == 7:  # the weights blow up, as a too-high learning rate would make them
+        if len(calls) == 6:  # the update blows the weights up after this step's loss was fine
             with torch.no_grad():
                 for p in model.parameters():
                     p.fill_(float("inf"))
-        return real_step(model, x, *args)
+        return logits
 
-    monkeypatch.setattr(nin.train, "train_step", blow_up_at_step_7)
+    monkeypatch.setattr(nin.train, "train_step", blow_up_at_step_6)
     config = make_config(
         "compact", data_dir=str(data_dir), out=str(tmp_path), train_subset=1024,
         test_subset=128, epochs=2, batch_size=64, checkpoint_every=3,
@@ -372,5 +373,6 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
         error.value
     )
     tensors, metadata = read_tensors(tmp_path / LAST)
-    assert json.loads(metadata["state"])["step"] == 6  # saved before the blow-up, never after
+    # The checkpoint due at step 6 found the weights blown up and was not written.
+    assert json.loads(metadata["state"])["step"] == 3
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model."))

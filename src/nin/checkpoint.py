@@ -45,20 +45,20 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; anything else is a one-line error."""
     if not path.is_file():
         raise NinError(f"{path}: not found; {FIX}")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    # torch.save files are zip archives or raw pickles: say so instead of a parse error.
-    if head.startswith(b"PK") or head[:1] == b"\x80":
-        raise NinError(
-            f"{path}: a pickle (torch.save) file, which nin never loads because unpickling can "
-            "run arbitrary code; load it yourself if you trust it and save the state_dict "
-            "with safetensors"
-        )
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        # torch.save files are zip archives or raw pickles: say so instead of a parse error.
+        if head == b"PK" or head[:1] == b"\x80":
+            raise NinError(
+                f"{path}: a pickle (torch.save) file, which nin never loads because unpickling "
+                "can run arbitrary code; load it yourself if you trust it and save the "
+                "state_dict with safetensors"
+            ) from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NinError(f"{path}: not a readable safetensors file ({reason}); {FIX}") from None
     return tensors, metadata
@@ -101,9 +101,12 @@ def build_model(config: dict[str, Any], where: Path) -> nn.Module:
         raise NinError(f"{where}: config cannot build model {config['model']!r} ({e})") from None
 
 
-def load_weights(model: nn.Module, path: Path, name: str) -> dict[str, str]:
-    """Load a weights or training-state file into `model`; returns the file's metadata."""
-    tensors, metadata = read_tensors(path)
+def load_weights(
+    model: nn.Module, path: Path, name: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a weights or training-state file into `model`; returns all its tensors and metadata."""
+    everything, metadata = read_tensors(path)
+    tensors = everything
     if metadata.get("format") == STATE_FORMAT:
         tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     saved_for = metadata.get("model")
@@ -116,7 +119,7 @@ def load_weights(model: nn.Module, path: Path, name: str) -> dict[str, str]:
         raise NinError(
             f"{path}: weights do not fit model {name!r} ({lines[1] if len(lines) > 1 else e})"
         ) from None
-    return metadata
+    return everything, metadata
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
@@ -146,10 +149,9 @@ def save_state(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], s
 
 def load_state(path: Path, model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Load a training-state file into `model`; returns its other tensors and its JSON state."""
-    metadata = load_weights(model, path, name)
+    tensors, metadata = load_weights(model, path, name)
     if metadata.get("format") != STATE_FORMAT:
         raise NinError(f"{path}: holds weights only, no training state to resume from")
-    tensors, _ = read_tensors(path)
     try:
         state = json.loads(metadata["state"])
     except (KeyError, ValueError):

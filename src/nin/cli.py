@@ -87,8 +87,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from nin.train import make_config, resume_config, train
 
     if args.resume:
-        given = {**config_options(vars(args)), "preset": args.preset, "scale_lr": args.scale_lr}
-        given = {k: v for k, v in given.items() if v not in (None, False)}
+        given = config_options(vars(args))
+        if args.preset is not None:
+            given["preset"] = args.preset
+        if args.scale_lr:
+            given["scale_lr"] = True
         train(resume_config(args.resume, **given), resume=True)
         return
     preset = args.preset or "compact"
@@ -335,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stuck-steps",
         type=int,
         help="stop once the loss has sat at ln(classes) with chance accuracy this many steps "
-        "(default 1000; 0: never)",
+        "(default 2000; 0: never)",
     )
     p.add_argument(
         "--checkpoint-every",

@@ -32,16 +32,18 @@ class World:
         return self.size > 1
 
 
-def init_world() -> World:
-    """Join the process group torchrun describes in the environment (if any)."""
+def init_world(device: str | None = None) -> World:
+    """Join the process group torchrun describes in the environment (if any): NCCL when the
+    processes train on GPUs, gloo when they train on CPUs (`device`, as `--device` names it)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    on_gpu = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if on_gpu:
             torch.cuda.set_device(world.local_rank)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     return world
 
 
@@ -61,7 +63,7 @@ def all_reduce(t: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:
     """`t` summed (or maxed) over every process; `t` itself in a single process."""
     if not world.active:
         return t
-    moved = t.to(comm_device(t))
+    moved = t.to(comm_device(t), copy=True)  # a copy: the caller's own sum stays its own
     dist.all_reduce(moved, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return moved.to(t.device)
 
@@ -74,6 +76,15 @@ def all_gather(t: torch.Tensor, world: World) -> list[torch.Tensor]:
     out = [torch.empty_like(moved) for _ in range(world.size)]
     dist.all_gather(out, moved)
     return [o.to(t.device) for o in out]
+
+
+def broadcast_buffers(model: torch.nn.Module, world: World) -> None:
+    """Give every process rank 0's buffers (batch-norm statistics), so all evaluate one model."""
+    if world.active:
+        for buffer in model.buffers():
+            moved = buffer.to(comm_device(buffer))
+            dist.broadcast(moved, src=0)
+            buffer.copy_(moved)
 
 
 def broadcast_text(text: str, world: World) -> str:

@@ -24,9 +24,26 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nin.checkpoint import BEST, CONFIG, LAST, load_state, save_checkpoint, save_state, save_tensors
+from nin.checkpoint import (
+    BEST,
+    CONFIG,
+    LAST,
+    WEIGHTS,
+    load_state,
+    save_checkpoint,
+    save_state,
+    save_tensors,
+)
 from nin.data import DeviceLoader, dataset_spec, load_split
-from nin.distributed import World, all_gather, all_reduce, broadcast_text, close_world, init_world
+from nin.distributed import (
+    World,
+    all_gather,
+    all_reduce,
+    broadcast_buffers,
+    broadcast_text,
+    close_world,
+    init_world,
+)
 from nin.errors import NinError
 from nin.files import atomic_path, save_figure, write_json
 from nin.models import count_parameters, create_model, model_info, xavier_init_
@@ -63,7 +80,7 @@ class TrainConfig:
     train_subset: int | None = None  # use the first N training examples
     holdout: int = 0  # the last N training examples become a validation split; test is not read
     collapse_steps: int = 100  # stop once every image has got the same logits this many steps
-    stuck_steps: int = 1000  # stop once loss ≈ ln(classes) and accuracy ≈ chance this many steps
+    stuck_steps: int = 2000  # stop once loss ≈ ln(classes) and accuracy ≈ chance this many steps
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends only
     deterministic: bool = False  # deterministic algorithms only (bit-exact resume on CPU)
     test_subset: int | None = None
@@ -228,7 +245,9 @@ def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
     from nin.checkpoint import read_config
 
     saved = read_config(Path(run_dir))
-    changed = sorted(k for k, v in overrides.items() if v is not None and k not in RESUMABLE)
+    changed = sorted(
+        k for k, v in overrides.items() if k not in RESUMABLE and v != saved.get(k, object())
+    )
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
         raise NinError(
@@ -415,8 +434,9 @@ class TrainingWatch:
         self.num_classes = num_classes
         self.world = world or World()
         self.window = max(1, min([window, *(s for s in (collapse_steps, stuck_steps) if s)]))
-        # Since the last poll: largest spread of logits, loss sum, correct, non-finite losses.
-        self.sums = torch.zeros(4, device=device)
+        # Since the last poll: largest spread of logits; loss sum, correct, non-finite losses.
+        self.spread = torch.zeros((), device=device)
+        self.sums = torch.zeros(3, device=device)
         self.pending = 0  # steps since the last poll
         self.count = 0  # examples since the last poll
         self.flat = 0  # consecutive steps with the same logits for every image
@@ -426,33 +446,41 @@ class TrainingWatch:
     def update(self, logits: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor) -> bool:
         """Record one step (logits, summed loss, correct count); True once the run has failed."""
         spread = (logits - logits[:1]).abs().amax().float()
-        nonfinite = (~torch.isfinite(loss_sum)).float()
-        step = torch.stack([spread, loss_sum.float(), correct.float(), nonfinite])
-        self.sums = torch.cat([torch.maximum(self.sums[:1], step[:1]), self.sums[1:] + step[1:]])
+        torch.maximum(self.spread, spread, out=self.spread)
+        self.sums[0] += loss_sum
+        self.sums[1] += correct
+        self.sums[2] += ~torch.isfinite(loss_sum)
         self.pending += 1
         self.count += len(logits)
         return self.pending >= self.window and self.poll()
 
-    def poll(self) -> bool:
-        """Read the sums since the last poll (one sync); True once the run has failed."""
-        if not self.pending:
-            return bool(self.reason)
-        spread = all_reduce(self.sums[:1], self.world, "max").item()
-        count = torch.tensor([float(self.count)], device=self.sums.device)
-        rest = all_reduce(torch.cat([self.sums[1:], count]), self.world)
-        loss, correct, nonfinite, count = rest.tolist()
-        steps, self.pending, self.count = self.pending, 0, 0
-        self.sums.zero_()
-        chance = math.log(self.num_classes)
-        self.flat = self.flat + steps if spread == 0 else 0
-        stuck = abs(loss / count - chance) < 0.05 and correct / count < 1.5 / self.num_classes
-        self.stuck = self.stuck + steps if stuck else 0
-        if nonfinite or not math.isfinite(loss):
-            self.reason = "diverged"
-        elif self.collapse_steps and self.flat >= self.collapse_steps:
-            self.reason = "collapsed"
-        elif self.stuck_steps and self.stuck >= self.stuck_steps:
-            self.reason = "stuck"
+    def poll(self, model: nn.Module | None = None) -> bool:
+        """Read the sums since the last poll (one sync); True once the run has failed.
+
+        Given `model`, also check its weights are finite: a step can blow them up after its
+        loss was computed, and no checkpoint may hold such weights.
+        """
+        if self.pending:
+            spread = all_reduce(self.spread, self.world, "max").item()
+            count = torch.tensor([float(self.count)], device=self.sums.device)
+            sums = all_reduce(torch.cat([self.sums, count]), self.world)
+            loss, correct, nonfinite, count = sums.tolist()
+            steps, self.pending, self.count = self.pending, 0, 0
+            self.spread.zero_(), self.sums.zero_()
+            chance = math.log(self.num_classes)
+            self.flat = self.flat + steps if spread == 0 else 0
+            stuck = abs(loss / count - chance) < 0.05 and correct / count < 1.5 / self.num_classes
+            self.stuck = self.stuck + steps if stuck else 0
+            if nonfinite or not math.isfinite(loss):
+                self.reason = "diverged"
+            elif self.collapse_steps and self.flat >= self.collapse_steps:
+                self.reason = "collapsed"
+            elif self.stuck_steps and self.stuck >= self.stuck_steps:
+                self.reason = "stuck"
+        if model is not None and not self.reason:
+            blown = torch.stack([~p.isfinite().all() for p in model.parameters()]).sum()
+            if all_reduce(blown, self.world).item():
+                self.reason = "diverged"
         return bool(self.reason)
 
     def state(self) -> dict[str, Any]:
@@ -501,7 +529,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
     Returns the final metrics, the per-epoch history, the run directory and the trained model.
     Under torchrun every process calls this; rank 0 alone logs and writes files.
     """
-    world = init_world()
+    world = init_world(config.device)
     if not world.main:
         log = no_log
     run_dir = prepare_run_dir(config, world, resume)
@@ -516,8 +544,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
             "nin: note: the chapter's setting trains at about 30 images/s on 2 CPU cores "
             "(~5.5 hours for 10 epochs); it is meant for a GPU"
         )
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(config.deterministic)
     torch.manual_seed(config.seed)
     train_loader = make_loader(config, "train", device, world)
     # With a holdout, every accuracy during training is validation accuracy; test is untouched.
@@ -595,6 +622,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
         )
         loss_sum.copy_(sums[0]), correct.copy_(sums[1])
         log(f"nin: resuming {run_dir} at epoch {progress['epoch']}, step {progress['step']}")
+        if world.main:  # temporary files of a save the kill cut short
+            for leftover in run_dir.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
     elif world.main:
         write_json(run_dir / CONFIG, saved)
     metrics_path = run_dir / "metrics.jsonl"
@@ -604,11 +634,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
 
     def checkpoint(epoch: int, step: int) -> None:
         """Save everything a resume needs to last.safetensors (collective; rank 0 writes)."""
-        if watch.poll():  # never save weights from after a divergence
+        if watch.poll(model):  # never save weights from after a divergence
             fail(epoch)
         tensors = {
-            "progress.loss_sum": all_reduce(loss_sum, world),
-            "progress.correct": all_reduce(correct, world),
+            **per_rank("progress.loss_sum", loss_sum, world),
+            **per_rank("progress.correct", correct, world),
             "rng.order": order_state,
             **rng_tensors(train_loader, device, world),
             **optimizer_tensors(optimizer),
@@ -619,6 +649,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
             "step": step,
             "model": config.model,
             "world_size": world.size,
+            "device_type": device.type,
             "optimizer": optimizer_scalars(optimizer),
             "scheduler": scheduler.state_dict() if scheduler else None,
             "scaler": scaler.state_dict(),
@@ -632,6 +663,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint yet"
         raise NinError(watch.message(epoch, config.lr, kept))
 
+    confusion = None
     for epoch in range(progress["epoch"], config.epochs + 1):
         model.train()
         skip, progress["step"] = progress["step"], 0
@@ -670,6 +702,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
         if watch.poll() or not math.isfinite(train_loss):
             watch.reason = watch.reason or "diverged"
             fail(epoch)
+        broadcast_buffers(model, world)  # every process evaluates rank 0's model
         confusion = all_reduce(evaluate(model, eval_loader, num_classes, config.amp), world)
         row = {
             "epoch": epoch,
@@ -699,6 +732,11 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
             f"{eval_split} acc {row[eval_key]:.3f}, {row['examples_per_sec']:.1f} examples/sec"
         )
 
+    if confusion is None:  # killed after its last checkpoint, before the final files: write them
+        broadcast_buffers(model, world)
+        confusion = all_reduce(evaluate(model, eval_loader, num_classes, config.amp), world)
+    if watch.poll(model):  # the final weights must be finite too
+        fail(config.epochs)
     history = progress["history"]
     final = history[-1]
     train_seconds = sum(row["epoch_seconds"] for row in history)
@@ -737,7 +775,10 @@ def no_log(message: str) -> None:
 
 
 def prepare_run_dir(config: TrainConfig, world: World, resume: bool) -> Path:
-    """The run directory, checked writable before any expensive work (rank 0 creates it)."""
+    """The run directory, checked writable before any expensive work.
+
+    Rank 0 checks; every process gets its verdict, so all of them stop together on a problem.
+    """
     if resume:
         run_dir = Path(config.out or "")
         if not (run_dir / LAST).is_file():
@@ -748,11 +789,23 @@ def prepare_run_dir(config: TrainConfig, world: World, resume: bool) -> Path:
         return run_dir
     chosen = str(config.out) if config.out else str(new_run_dir(config.preset))
     run_dir = Path(broadcast_text(chosen, world))
-    if not world.main:
-        return run_dir
-    if (run_dir / LAST).exists() or (run_dir / CONFIG).exists():
-        raise NinError(
+    problem = check_run_dir(run_dir) if world.main else ""
+    problem = broadcast_text(problem, world)
+    if problem:
+        raise NinError(problem)
+    return run_dir
+
+
+def check_run_dir(run_dir: Path) -> str:
+    """Why a new run cannot use `run_dir` ("" if it can); leaves nothing behind."""
+    if (run_dir / LAST).exists():
+        return (
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
+            "another --out"
+        )
+    if (run_dir / CONFIG).exists():
+        return (
+            f"{run_dir} already holds a run that saved no checkpoint; delete it, or choose "
             "another --out"
         )
     made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
@@ -763,12 +816,12 @@ def prepare_run_dir(config: TrainConfig, world: World, resume: bool) -> Path:
             f.write(b"\0")
             os.fsync(f.fileno())
     except OSError as e:
-        raise NinError(f"cannot write to {run_dir} ({e.strerror}); choose another --out") from None
+        return f"cannot write to {run_dir} ({e.strerror}); choose another --out"
     finally:  # leave nothing behind, not even an empty directory, if the run fails early
         for leftover in (probe, *made):
             with contextlib.suppress(OSError):
                 leftover.unlink() if leftover is probe else leftover.rmdir()
-    return run_dir
+    return ""
 
 
 def wrap_model(model: nn.Module, device: torch.device, world: World, compile: bool) -> nn.Module:
@@ -785,11 +838,12 @@ def rng_tensors(loader: DeviceLoader, device: torch.device, world: World) -> dic
     mine = {"torch": torch.get_rng_state(), "augment": loader.augment_generator.get_state()}
     if device.type == "cuda":
         mine["cuda"] = torch.cuda.get_rng_state(device)
-    return {
-        f"rng.{name}.{rank}": state
-        for name, t in mine.items()
-        for rank, state in enumerate(all_gather(t, world))
-    }
+    return {k: v for name, t in mine.items() for k, v in per_rank(f"rng.{name}", t, world).items()}
+
+
+def per_rank(name: str, t: torch.Tensor, world: World) -> dict[str, torch.Tensor]:
+    """Every process's `t`, keyed <name>.<rank>: what each must get back on a resume."""
+    return {f"{name}.{rank}": value for rank, value in enumerate(all_gather(t, world))}
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -834,30 +888,44 @@ def restore_training(
             f"{path}: saved by {state.get('world_size', 1)} processes; resume it with the same "
             f"number (now {world.size}), so each process gets its own random state back"
         )
-    if state["epoch"] > epochs:
+    saved_on, device = state.get("device_type"), loader.device.type
+    if saved_on != device:
+        raise NinError(
+            f"{path}: saved on {saved_on}; resume it on {saved_on} too (--device), since random "
+            f"states do not carry over to {device}"
+        )
+    if state.get("epoch", 0) > epochs and (path.parent / WEIGHTS).exists():
         raise NinError(f"{path.parent}: this run has already finished all {epochs} epochs")
-    slots: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, i, slot = key.split(".", 2)
-            slots.setdefault(int(i), {})[slot] = value
-    for i, rest in state["optimizer"]["slots"].items():
-        slots.setdefault(int(i), {}).update(rest)
-    optimizer.load_state_dict({"state": slots, "param_groups": state["optimizer"]["param_groups"]})
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(tensors[f"rng.torch.{world.rank}"])
-    if f"rng.cuda.{world.rank}" in tensors and loader.device.type == "cuda":
-        torch.cuda.set_rng_state(tensors[f"rng.cuda.{world.rank}"], loader.device)
-    loader.augment_generator.set_state(tensors[f"rng.augment.{world.rank}"])
-    watch.flat, watch.stuck = state["watch"]["flat"], state["watch"]["stuck"]
-    sums = (tensors["progress.loss_sum"], tensors["progress.correct"])
-    if not world.main:  # the saved sums are over every process: rank 0 carries them
-        sums = (torch.zeros_like(sums[0]), torch.zeros_like(sums[1]))
-    progress = {k: state[k] for k in ("epoch", "step", "history", "epoch_seconds", "best_acc")}
-    return progress, sums, tensors["rng.order"]
+    rank = world.rank
+    try:
+        slots: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, i, slot = key.split(".", 2)
+                slots.setdefault(int(i), {})[slot] = value
+        for i, rest in state["optimizer"]["slots"].items():
+            slots.setdefault(int(i), {}).update(rest)
+        groups = state["optimizer"]["param_groups"]
+        optimizer.load_state_dict({"state": slots, "param_groups": groups})
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(tensors[f"rng.torch.{rank}"])
+        if device == "cuda":
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"], loader.device)
+        loader.augment_generator.set_state(tensors[f"rng.augment.{rank}"])
+        watch.flat, watch.stuck = state["watch"]["flat"], state["watch"]["stuck"]
+        sums = (tensors[f"progress.loss_sum.{rank}"], tensors[f"progress.correct.{rank}"])
+        keys = ("epoch", "step", "history", "epoch_seconds", "best_acc")
+        progress = {k: state[k] for k in keys}
+        order = tensors["rng.order"]
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise NinError(
+            f"{path}: training state incomplete or does not fit this run ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); start a new run with another --out"
+        ) from None
+    return progress, sums, order
 
 
 def new_run_dir(preset: str) -> Path:
