@@ -24,6 +24,20 @@ def write_idx(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+def checkpoint_config(**changes: object) -> dict:
+    """The keys a run directory's config.json needs: nin_compact on Fashion-MNIST, changed."""
+    config = {
+        "model": "nin_compact",
+        "num_classes": 10,
+        "in_channels": 1,
+        "preset": "compact",
+        "dataset": "fashion-mnist",
+        "resize": None,
+        "normalize": True,
+    }
+    return {**config, **changes}
+
+
 @pytest.fixture
 def data_dir() -> Path:
     """The directory holding the real fashion-mnist/ and mnist/ folders."""

@@ -13,16 +13,9 @@ import torch
 from nin.checkpoint import load_checkpoint, save_checkpoint
 from nin.cli import main
 from nin.models import create_model
+from tests.conftest import checkpoint_config
 
-CONFIG = {
-    "model": "nin_compact",
-    "num_classes": 10,
-    "in_channels": 1,
-    "preset": "compact",
-    "dataset": "fashion-mnist",
-    "resize": None,
-    "normalize": True,
-}
+CONFIG = checkpoint_config()
 
 
 @pytest.fixture(scope="module")

@@ -17,22 +17,9 @@ from nin.data import DeviceLoader, dataset_spec, load_split
 from nin.errors import NinError
 from nin.models import create_model
 from nin.predict import Predictor, load_predictor
+from tests.conftest import checkpoint_config
 
 CLASSES = dataset_spec("fashion-mnist").classes
-
-
-def tiny_config(**changes) -> dict:
-    """The keys a run directory's config.json needs, for nin_compact on Fashion-MNIST."""
-    config = {
-        "model": "nin_compact",
-        "num_classes": 10,
-        "in_channels": 1,
-        "preset": "compact",
-        "dataset": "fashion-mnist",
-        "resize": None,
-        "normalize": True,
-    }
-    return {**config, **changes}
 
 
 @pytest.fixture
@@ -40,7 +27,9 @@ def checkpoint(tmp_path: Path) -> Path:
     """A run directory holding an untrained nin_compact."""
     torch.manual_seed(0)
     run = tmp_path / "run"
-    save_checkpoint(run, create_model("nin_compact", num_classes=10, in_channels=1), tiny_config())
+    save_checkpoint(
+        run, create_model("nin_compact", num_classes=10, in_channels=1), checkpoint_config()
+    )
     return run
 
 
@@ -155,12 +144,14 @@ def test_byte_limit(tmp_path: Path, monkeypatch) -> None:
 def test_checkpoint_mismatch(tmp_path: Path, capsys) -> None:
     image = write_png(tmp_path / "x.png", np.zeros((28, 28)))
     run = tmp_path / "seven"
-    save_checkpoint(run, create_model("nin_compact", num_classes=7), tiny_config(num_classes=7))
+    save_checkpoint(
+        run, create_model("nin_compact", num_classes=7), checkpoint_config(num_classes=7)
+    )
     assert main(["predict", str(run), str(image)]) == 1
     assert "7 classes but fashion-mnist has 10" in capsys.readouterr().err
     # A config whose input size its model cannot take: every image fails, one line each.
     run = tmp_path / "small"
-    save_checkpoint(run, create_model("nin_compact"), tiny_config(resize=6))
+    save_checkpoint(run, create_model("nin_compact"), checkpoint_config(resize=6))
     assert main(["predict", str(run), str(image), str(image)]) == 1
     err = capsys.readouterr().err
     assert "cannot take input" in err and err.count("nin: error:") == 3
@@ -174,7 +165,7 @@ def test_resize_config_is_used(tmp_path: Path) -> None:
     """A model trained with --resize gets images of that size."""
     run = tmp_path / "run"
     model = create_model("nin_compact")
-    save_checkpoint(run, model, tiny_config(resize=32, normalize=False))
+    save_checkpoint(run, model, checkpoint_config(resize=32, normalize=False))
     predictor = load_predictor(str(run))
     uint8, _ = predictor.to_uint8(Image.new("L", (50, 20)))
     assert uint8.shape == (1, 32, 32)

@@ -31,7 +31,7 @@ from nin.cli import main
 from nin.data import DATASETS, read_idx
 from nin.errors import NinError
 from nin.models import create_model
-from tests.conftest import REPO, write_idx
+from tests.conftest import REPO, checkpoint_config, write_idx
 
 DOC = REPO / "docs" / "reliability.md"
 
@@ -139,11 +139,9 @@ def run_exists(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def checkpoint_dir(tmp: Path, model: str = "nin_compact", **config: object) -> Path:
     """A run directory holding a fresh (untrained) checkpoint."""
     run = tmp / "ckpt"
-    settings = {
-        "model": model, "num_classes": 10, "in_channels": 1, "preset": "compact",
-        "dataset": "mnist", "resize": None, "normalize": True,
-    }  # fmt: skip
-    save_checkpoint(run, create_model(model), {**settings, **config})
+    save_checkpoint(
+        run, create_model(model), checkpoint_config(model=model, dataset="mnist", **config)
+    )
     return run
 
 

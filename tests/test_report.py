@@ -13,6 +13,7 @@ from nin.checkpoint import save_checkpoint
 from nin.cli import main
 from nin.models import create_model
 from tests.browser import page  # noqa: F401 (a fixture)
+from tests.conftest import checkpoint_config
 
 SECTIONS = ("summary", "curves", "confusion", "per-class", "mistakes", "config", "environment")
 
@@ -26,17 +27,10 @@ def report(tmp_path_factory) -> Path:
         pytest.skip(f"real data not found at {SHARED_DATA} (set NIN_TEST_DATA)")
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("report") / "run"
-    config = {
-        "model": "nin_compact",
-        "num_classes": 10,
-        "in_channels": 1,
-        "preset": "compact",
-        "dataset": "fashion-mnist",
-        "resize": None,
-        "normalize": True,
-        "environment": {"torch": torch.__version__, "device": "cpu"},
-        "result": {"test_acc": 0.1, "per_class_acc": [0.1] * 10},
-    }
+    config = checkpoint_config(
+        environment={"torch": torch.__version__, "device": "cpu"},
+        result={"test_acc": 0.1, "per_class_acc": [0.1] * 10},
+    )
     save_checkpoint(run, create_model("nin_compact"), config)
     rows = [
         {"epoch": e, "loss": 2.0 / e, "train_acc": 0.3 * e, "test_acc": 0.28 * e} for e in (1, 2, 3)
