@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train NiN. Every option left unset takes the preset's value.",
     )
     p.add_argument(
-        "--preset", help="compact (the default, fast on a CPU), d2l (the chapter), or another"
+        "--preset",
+        help="compact (the default, fast on a CPU), d2l (the chapter), paper-cifar10, cifar10, "
+        "paper-mnist, mnist (see the README)",
     )
     p.add_argument("--model", help="a registered model (see `nin models`)")
     p.add_argument("--dataset", choices=sorted(DATASETS), help="default fashion-mnist")
