@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -125,11 +126,29 @@ def test_bad_files_one_line_each_rest_go_on(
     errors = captured.err.strip().splitlines()
     assert len(errors) == 8 and all(line.startswith("nin: error: ") for line in errors)
     joined = "\n".join(errors)
-    for expected in ("not a PNG or JPEG", "empty file", "cannot decode", "pixel limit", "GIF"):
+    for expected in ("notes.png: not a PNG or JPEG", "empty file", "cannot decode", "pixel limit"):
         assert expected in joined
+    assert "anim.gif: not a PNG or JPEG" in joined
     assert "missing.png: not found" in joined and "holds no .png" in joined
     assert errors[-1] == f"nin: error: 7 of {len(paths)} inputs failed (see above)"
     assert captured.out.startswith(str(good)) and len(captured.out.splitlines()) == 6
+
+
+def test_special_files_are_refused_without_reading_them(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # reading it would wait forever for a writer
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(NinError, match="not a regular file"):
+            predict.open_image(path)
+
+
+def test_phone_jpegs_with_an_mpf_block_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "phone.jpg"
+    image = Image.new("RGB", (40, 30), "white")
+    image.save(path, format="MPO", save_all=True, append_images=[Image.new("RGB", (40, 30))])
+    assert Image.open(path).format == "MPO"
+    image = predict.open_image(path)
+    assert image.size == (40, 30)
 
 
 def test_byte_limit(tmp_path: Path, monkeypatch) -> None:

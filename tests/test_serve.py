@@ -133,6 +133,18 @@ def test_refusals_are_400_and_413_never_500(url: str, monkeypatch) -> None:
     assert status == 413 and "limit" in body["detail"]  # read, then refused
     status, body = post(url, *multipart(np.zeros(200_000, np.uint8).tobytes()))
     assert status == 413 and "limit" in body["detail"]  # refused by its declared length
+    # A chunked body declares no length; it is refused before any of it is spooled.
+    chunks = iter([multipart(b"x" * 100)[0]])
+    body, content_type = multipart(b"x" * 100)
+    request = urllib.request.Request(
+        url + "predict", data=chunks, headers={"Content-Type": content_type}, method="POST"
+    )
+    try:
+        urllib.request.urlopen(request, timeout=30)
+        status = 200
+    except urllib.error.HTTPError as e:
+        status, body = e.code, json.loads(e.read())
+    assert status == 411 and "Content-Length" in body["detail"]
 
 
 def test_cli_errors(monkeypatch, capsys) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,16 +55,21 @@ def read_image(data: bytes, name: str = "upload") -> Image.Image:
             "give a smaller image"
         )
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        if image.width * image.height > MAX_PIXELS:
-            raise NinError(
-                f"{name}: {image.width}×{image.height} pixels is over the "
-                f"{MAX_PIXELS:,}-pixel limit; give a smaller image"
-            )
-        if image.format not in ("PNG", "JPEG"):
-            raise NinError(f"{name}: a {image.format} image; give a PNG or JPEG image")
-        image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+        with warnings.catch_warnings():  # our own pixel limit speaks, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # JPEG includes phone photos with an MPF block (Pillow calls them MPO).
+            image = Image.open(io.BytesIO(data), formats=("PNG", "JPEG"))  # the header only
+            if image.width * image.height > MAX_PIXELS:
+                raise NinError(
+                    f"{name}: {image.width}×{image.height} pixels is over the "
+                    f"{MAX_PIXELS:,}-pixel limit; give a smaller image"
+                )
+            image.load()
+    except Image.DecompressionBombError:
+        raise NinError(
+            f"{name}: over the {MAX_PIXELS:,}-pixel limit; give a smaller image"
+        ) from None
+    except UnidentifiedImageError:
         raise NinError(f"{name}: not a PNG or JPEG image") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt image data
         raise NinError(f"{name}: cannot decode the image ({e}); is the file complete?") from None
@@ -73,14 +79,11 @@ def read_image(data: bytes, name: str = "upload") -> Image.Image:
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Read an image file (see `read_image`), checking its size before reading it."""
     path = Path(path)
+    if not path.is_file():  # a device, a FIFO or /dev/stdin would read forever
+        raise NinError(f"{path}: not a regular file; give a PNG or JPEG image")
     try:
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise NinError(
-                f"{path}: {size / 2**20:.1f} MiB is over the {MAX_BYTES // 2**20} MiB limit; "
-                "give a smaller image"
-            )
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)  # read_image refuses anything over the limit
     except OSError as e:
         raise NinError(f"{path}: cannot be read ({e.strerror or e})") from None
     return read_image(data, str(path))

@@ -48,6 +48,10 @@ def create_app(predictor: Predictor, name: str) -> Any:
     async def refuse_huge_bodies(request: Request, call_next):
         # Before the multipart parser spools the body anywhere: the declared size is enough.
         declared = request.headers.get("content-length", "")
+        if request.method == "POST" and not declared.isdigit():
+            # A chunked body has no declared size and would be spooled whole: refuse it.
+            message = "send the upload with a Content-Length (as browsers do)"
+            return JSONResponse({"detail": message}, status_code=411)
         if declared.isdigit() and int(declared) > predict.MAX_BYTES + EXTRA_FORM_BYTES:
             return JSONResponse({"detail": too_large}, status_code=413)
         return await call_next(request)
@@ -95,6 +99,7 @@ def check_port(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise NinError(f"--port must be in 1..65535, got {port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
             s.bind((host, port))
         except OSError as e:
