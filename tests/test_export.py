@@ -80,3 +80,13 @@ def test_missing_onnx_packages_say_what_to_install(run_dir: Path, monkeypatch, c
 def test_bad_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["export", str(tmp_path / "nowhere")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+def test_an_export_that_fails_its_check_leaves_no_file(run_dir: Path, tmp_path, monkeypatch, fmt):
+    import nin.export
+
+    monkeypatch.setattr(nin.export, "MAX_DIFFERENCE", -1.0)  # every comparison now fails
+    out = tmp_path / f"model.{fmt}"
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(out)]) == 1
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))

@@ -8,6 +8,7 @@ metadata. Every export is run once more and its outputs compared with the PyTorc
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -76,14 +77,17 @@ def export_model(
     model = model.cpu().float().eval()
     shape = input_shape(config)
     export = export_onnx if fmt == "onnx" else export_program
-    result = export(model, shape, path, config)
-    worst = max(result.differences.values())
+    return export(model, shape, path, config)
+
+
+def check_differences(differences: dict[int, float], path: Path) -> None:
+    """Refuse an export whose outputs stray from PyTorch's (called before the file is kept)."""
+    worst = max(differences.values())
     if not worst < MAX_DIFFERENCE:  # `not <` also catches NaN
         raise NinError(
             f"{path}: the exported model's outputs differ from PyTorch's by {worst:.3g}; "
-            "please report this with the checkpoint"
+            "nothing was written; please report this with the checkpoint"
         )
-    return result
 
 
 def export_onnx(
@@ -99,6 +103,11 @@ def export_onnx(
             f"--format onnx needs onnx, onnxscript and onnxruntime ({e.name} is missing): "
             "pip install 'nin[export]'"
         ) from None
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        raise NinError(
+            f"--format onnx needs torch >= 2.5 (its dynamo exporter); this is torch "
+            f"{torch.__version__}: upgrade torch, or use --format torch-export"
+        )
     batch = torch.export.Dim("batch", min=1, max=65536)
     with atomic_path(path) as tmp, quiet():
         try:
@@ -110,21 +119,23 @@ def export_onnx(
                 output_names=["logits"],
                 dynamic_shapes=({0: batch},),
                 external_data=False,  # one self-contained file
+                dynamo=True,  # the default from torch 2.9; 2.5 to 2.8 need it said
                 verbose=False,
             )
-        except Exception as e:  # the exporter raises many types; the first line says what
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, onnx_metadata(config, shape))
+            onnx.save(proto, str(tmp))
+            session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+            differences = {}
+            with torch.no_grad():
+                for n in CHECK_BATCHES:
+                    x = sample_inputs(shape, n)
+                    (got,) = session.run(["logits"], {"images": x.numpy()})
+                    differences[n] = (torch.from_numpy(got) - model(x)).abs().max().item()
+        except Exception as e:  # the exporter and onnxruntime raise many types: one line
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise NinError(f"ONNX export of {config['model']!r} failed ({reason})") from None
-        proto = onnx.load(str(tmp))
-        onnx.helper.set_model_props(proto, onnx_metadata(config, shape))
-        onnx.save(proto, str(tmp))
-        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        differences = {}
-        with torch.no_grad():
-            for n in CHECK_BATCHES:
-                x = sample_inputs(shape, n)
-                (got,) = session.run(["logits"], {"images": x.numpy()})
-                differences[n] = (torch.from_numpy(got) - model(x)).abs().max().item()
+        check_differences(differences, path)
     return ExportResult(path, "onnx", shape, differences, f"onnxruntime {onnxruntime.__version__}")
 
 
@@ -153,6 +164,7 @@ def export_program(
             for n in CHECK_BATCHES:
                 x = sample_inputs(shape, n)
                 differences[n] = (loaded(x) - model(x)).abs().max().item()
+        check_differences(differences, path)
     return ExportResult(path, "torch-export", shape, differences, f"torch {torch.__version__}")
 
 
