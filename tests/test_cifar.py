@@ -154,6 +154,7 @@ def test_wrong_checksum_is_refused_and_leaves_nothing(small_cifar, tmp_path):
         ((f"{TOP}/dev", tarfile.CHRTYPE), "device"),
         ((f"{TOP}/fifo", tarfile.FIFOTYPE), "fifo"),
         (("elsewhere.bin", tarfile.REGTYPE), "outside"),
+        ((".", tarfile.DIRTYPE), "outside"),  # what `tar czf x.tgz .` starts with
     ],
 )
 def test_malicious_archives_are_refused_and_nothing_unpacked(small_cifar, tmp_path, extra, why):
@@ -163,6 +164,18 @@ def test_malicious_archives_are_refused_and_nothing_unpacked(small_cifar, tmp_pa
     assert why in str(err.value) and "\n" not in str(err.value)
     assert [p.name for p in (tmp_path / "cifar-10").iterdir()] == [ARCHIVE]  # verified, unopened
     assert not (tmp_path / "x").exists() and not Path("/tmp/nin-cifar-test-x").exists()
+
+
+def test_a_second_process_unpacking_the_same_archive_finds_it_done(small_cifar, tmp_path):
+    from nin.data import extract_tar
+
+    small_cifar()
+    first = ensure_files("cifar10", tmp_path)  # downloads and unpacks
+    archive = tmp_path / "cifar-10" / ARCHIVE
+    assert archive.exists()
+    # As a second torchrun process would, after the first renamed its folder into place:
+    assert extract_tar(archive, tmp_path / "cifar-10", TOP) == tmp_path / "cifar-10" / TOP
+    assert ensure_files("cifar10", tmp_path) == first
 
 
 def test_a_broken_archive_leaves_nothing_half_unpacked(tmp_path):

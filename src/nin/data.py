@@ -303,7 +303,11 @@ def extract_tar(archive: Path, dest: Path, top: str) -> Path:
                 tar.extractall(tmp, members=members)
         if not (tmp / top).is_dir():
             raise NinError(f"{archive}: holds no folder {top}/; {fix}")
-        os.replace(tmp / top, dest / top)
+        try:
+            os.replace(tmp / top, dest / top)
+        except OSError:
+            if not (dest / top).is_dir():  # else another process (torchrun) unpacked it first
+                raise
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise NinError(f"{archive}: not a readable .tar.gz ({e}); {fix}") from None
     except OSError as e:
@@ -326,7 +330,7 @@ def _unsafe(member: tarfile.TarInfo, top: str) -> str:
         return "a link"
     if not (member.isfile() or member.isdir()):
         return "a device, fifo or other special file"
-    if path.parts[0] != top:
+    if not path.parts or path.parts[0] != top:  # "." or "" has no parts
         return f"outside {top}/"
     return ""
 
