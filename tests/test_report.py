@@ -74,3 +74,13 @@ def test_opens_in_chromium(report: Path, page, tmp_path: Path) -> None:  # noqa:
 def test_bad_run_dir(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path)]) == 1
     assert "config.json: not found" in capsys.readouterr().err
+
+
+def test_edited_metrics_get_one_line(tmp_path: Path) -> None:
+    from nin.errors import NinError
+    from nin.report import read_history
+
+    for text in ("[1, 2]\n", '{"loss": 0.5}\n', "{oops\n"):
+        (tmp_path / "metrics.jsonl").write_text(text)
+        with pytest.raises(NinError, match="was the file edited"):
+            read_history(tmp_path)

@@ -116,9 +116,12 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except ValueError as e:
         raise NinError(f"{path}: not JSON lines ({e}); was the file edited?") from None
+    if not all(isinstance(row, dict) and "epoch" in row for row in rows):
+        raise NinError(f"{path}: a line is not an epoch's metrics; was the file edited?")
+    return rows
 
 
 @torch.inference_mode()
@@ -134,6 +137,7 @@ def predict_test_split(
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset", "device"}
     options = {k: v for k, v in saved.items() if k in fields and v is not None}
     here = {"data_dir": data_dir, "test_subset": test_subset, "device": device}
+    here = {k: v for k, v in here.items() if v is not None}  # else the run's own
     config = make_config(saved["preset"], **{**options, **here})
     chosen, _ = pick_device(config.device)
     loader = make_loader(config, "test", chosen)
