@@ -436,8 +436,8 @@ class DeviceLoader:
         device: torch.device | str = "cpu",
         shuffle: bool = False,
         resize: int | None = None,
-        mean: float | None = None,
-        std: float | None = None,
+        mean: float | tuple[float, ...] | None = None,  # one value, or one per channel
+        std: float | tuple[float, ...] | None = None,
         flip: bool = False,
         crop_padding: int = 0,
         seed: int = 0,
