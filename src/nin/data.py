@@ -10,6 +10,7 @@ resized, normalised and augmented there, in one go. There is no per-sample Pytho
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -261,6 +262,7 @@ def _ensure_unpacked(
 
 
 def _download_from_mirrors(path: Path, md5: str, mirrors: tuple[str, ...], what: str) -> None:
+    made = [d for d in path.parents if not d.exists()]  # deepest first
     reasons = []
     for base in mirrors:
         try:
@@ -268,6 +270,9 @@ def _download_from_mirrors(path: Path, md5: str, mirrors: tuple[str, ...], what:
             return
         except NinError as e:
             reasons.append(str(e))
+    for folder in made:  # leave no empty folders behind a failed download
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     raise NinError(
         f"could not download {path.name} ({'; '.join(reasons)}). Download the data set's {what} "
         f"from {mirrors[0]} and put them in {path.parent}/, or point --data-dir or "
