@@ -23,8 +23,11 @@ from nin.pretrained import load_pretrained as _load_pretrained  # noqa: E402
 from nin.pretrained import pretrained_for as _pretrained_for  # noqa: E402
 
 
-def _entry_point(name):
-    def entry(pretrained=False, **kwargs):
+def _entry_point(name: str):
+    """The torch.hub entry point of registry model `name`."""
+
+    def entry(pretrained: bool = False, **kwargs):
+        """Build the model; `pretrained=True` loads the weights bundled with nin, if any."""
         bundled = _pretrained_for(name) if pretrained else None
         if pretrained and bundled is None:
             have = ", ".join(f"{n} ({_PRETRAINED[n][1]})" for n in sorted(_PRETRAINED))

@@ -73,6 +73,7 @@ def chosen_epochs() -> int:
 
 
 def data_flag(data_dir: str | None) -> str:
+    """The --data-dir part of a printed command, if one was given."""
     return f" --data-dir {data_dir}" if data_dir else ""
 
 
@@ -83,12 +84,14 @@ def nin(args: str) -> str:
 
 
 def stage_select(data_dir: str | None) -> None:
+    """Train the mnist recipe at each epoch count on a 10,000-image holdout (test unread)."""
     for e in SELECT_EPOCHS:
         command = nin(f"train --preset mnist --epochs {e} --holdout 10000" + data_flag(data_dir))
         run(f"select-e{e}", "mnist", command, epochs=e, holdout=10000, data_dir=data_dir)
 
 
 def stage_mnist(data_dir: str | None) -> None:
+    """The chosen mnist recipe on the full train split, one run per seed."""
     e = chosen_epochs()
     for seed in SEEDS:
         command = nin(f"train --preset mnist --epochs {e} --seed {seed}" + data_flag(data_dir))
@@ -96,6 +99,7 @@ def stage_mnist(data_dir: str | None) -> None:
 
 
 def stage_cifar(data_dir: str | None) -> None:
+    """One short cifar10 run: what a CPU allows, a speed check."""
     e = CIFAR_EPOCHS
     command = nin(f"train --preset cifar10 --epochs {e}" + data_flag(data_dir))
     run("cifar10-short", "cifar10", command, epochs=e, data_dir=data_dir)
@@ -218,6 +222,7 @@ STAGES = {"select": stage_select, "mnist": stage_mnist, "cifar": stage_cifar}
 
 
 def main() -> None:
+    """Run the chosen stages, then write docs/results.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--stages", nargs="+", default=[*STAGES, "report"], choices=[*STAGES, "report"]

@@ -46,6 +46,7 @@ def create_app(predictor: Predictor, name: str) -> Any:
 
     @app.middleware("http")
     async def refuse_huge_bodies(request: Request, call_next):
+        """Refuse a body too large, or of no declared size, before anything reads it."""
         # Before the multipart parser spools the body anywhere: the declared size is enough.
         declared = request.headers.get("content-length", "")
         if request.method == "POST" and not declared.isdigit():
@@ -58,14 +59,17 @@ def create_app(predictor: Predictor, name: str) -> Any:
 
     @app.exception_handler(RequestValidationError)
     async def missing_file(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A request without the form field: 400 with what to send, not FastAPI's 422."""
         return JSONResponse({"detail": "send one image as the form field 'file'"}, 400)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
+        """The demo page."""
         return render_page(predictor, name)
 
     @app.post("/predict")
     def classify(file: UploadFile = File(...)) -> JSONResponse:  # noqa: B008 (FastAPI's way)
+        """Top 5 classes of one uploaded image, or 400/413 with a readable message."""
         # A plain def: FastAPI runs it in a worker thread, so the model never blocks the loop.
         data = file.file.read(predict.MAX_BYTES + 1)
         if len(data) > predict.MAX_BYTES:
@@ -125,7 +129,14 @@ def render_page(predictor: Predictor, name: str) -> str:
         f"{config['model']} trained on {config['dataset']} ({len(predictor.classes)} classes: "
         f"{', '.join(predictor.classes)})"
     )
-    return PAGE.replace("{{NAME}}", html.escape(name)).replace("{{ABOUT}}", html.escape(about))
+    note = (
+        f"{config['dataset']} images are light on a black background: pictures with a light "
+        "background are inverted for the model; "
+        if config.get("in_channels") == 1
+        else ""
+    )
+    page = PAGE.replace("{{NAME}}", html.escape(name)).replace("{{ABOUT}}", html.escape(about))
+    return page.replace("{{NOTE}}", html.escape(note))
 
 
 PAGE = """<!doctype html>
@@ -149,9 +160,8 @@ button { font: inherit; padding: 0.3em 0.9em; }
 </style></head>
 <body>
 <h1>nin: {{NAME}}</h1>
-<p class="sub">{{ABOUT}}. Fashion-MNIST items are light on a black background: photos with a
-light background are inverted for the model; everything is padded square and shrunk to its
-input size (shown under "the model saw").</p>
+<p class="sub">{{ABOUT}}. {{NOTE}}everything is padded square and shrunk to its input size
+(shown under "the model saw").</p>
 <div class="panels">
   <div class="panel">
     <p><label for="file"><b>Upload a PNG or JPEG</b></label><br>
