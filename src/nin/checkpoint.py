@@ -4,6 +4,8 @@ atomically, loaded without ever unpickling anything.
 A run directory holds `config.json`, `model.safetensors` (the final weights), and while it
 trains `last.safetensors` (everything a resume needs) and `best.safetensors` (the weights of
 the epoch with the best evaluation accuracy). Each is one file, so each is replaced atomically.
+The last part of this file gathers a run's state (optimizer, random states, per process) into
+tensors and JSON, and puts it back on a resume.
 """
 
 from __future__ import annotations
@@ -11,16 +13,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from nin.data import DeviceLoader
+from nin.distributed import World, all_gather
 from nin.errors import NinError
 from nin.files import atomic_path, write_json
 from nin.models import create_model
+
+if TYPE_CHECKING:
+    from nin.train import TrainingWatch
 
 WEIGHTS = "model.safetensors"
 LAST = "last.safetensors"
@@ -157,3 +164,98 @@ def load_state(path: Path, model: nn.Module, name: str) -> tuple[dict[str, torch
     except (KeyError, ValueError):
         raise NinError(f"{path}: its training state is missing or not JSON") from None
     return {k: v for k, v in tensors.items() if not k.startswith("model.")}, state
+
+
+def rng_tensors(loader: DeviceLoader, device: torch.device, world: World) -> dict:
+    """Every process's random states (torch, CUDA, augmentation), keyed by name and rank."""
+    mine = {"torch": torch.get_rng_state(), "augment": loader.augment_generator.get_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    return {k: v for name, t in mine.items() for k, v in per_rank(f"rng.{name}", t, world).items()}
+
+
+def per_rank(name: str, t: torch.Tensor, world: World) -> dict[str, torch.Tensor]:
+    """Every process's `t`, keyed <name>.<rank>: what each must get back on a resume."""
+    return {f"{name}.{rank}": value for rank, value in enumerate(all_gather(t, world))}
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter tensors (momentum buffers), keyed optimizer.<i>.<name>."""
+    return {
+        f"optimizer.{i}.{name}": value
+        for i, slots in optimizer.state_dict()["state"].items()
+        for name, value in slots.items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def optimizer_scalars(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The rest of the optimizer's state, as JSON: param groups and non-tensor slots."""
+    state = optimizer.state_dict()
+    return {
+        "param_groups": state["param_groups"],
+        "slots": {
+            str(i): {k: v for k, v in slots.items() if not isinstance(v, torch.Tensor)}
+            for i, slots in state["state"].items()
+        },
+    }
+
+
+def restore_training(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    loader: DeviceLoader,
+    watch: TrainingWatch,
+    world: World,
+    name: str,
+    epochs: int,
+) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Load a training-state file into every piece of the run; returns the progress, this
+    process's partial-epoch sums, and the order generator's state at the epoch's start."""
+    tensors, state = load_state(path, model, name)
+    if state.get("world_size", 1) != world.size:
+        raise NinError(
+            f"{path}: saved by {state.get('world_size', 1)} processes; resume it with the same "
+            f"number (now {world.size}), so each process gets its own random state back"
+        )
+    saved_on, device = state.get("device_type"), loader.device.type
+    if saved_on != device:
+        raise NinError(
+            f"{path}: saved on {saved_on}; resume it on {saved_on} too (--device), since random "
+            f"states do not carry over to {device}"
+        )
+    if state.get("epoch", 0) > epochs and (path.parent / WEIGHTS).exists():
+        raise NinError(f"{path.parent}: this run has already finished all {epochs} epochs")
+    rank = world.rank
+    try:
+        slots: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, i, slot = key.split(".", 2)
+                slots.setdefault(int(i), {})[slot] = value
+        for i, rest in state["optimizer"]["slots"].items():
+            slots.setdefault(int(i), {}).update(rest)
+        groups = state["optimizer"]["param_groups"]
+        optimizer.load_state_dict({"state": slots, "param_groups": groups})
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(tensors[f"rng.torch.{rank}"])
+        if device == "cuda":
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"], loader.device)
+        loader.augment_generator.set_state(tensors[f"rng.augment.{rank}"])
+        watch.flat, watch.stuck = state["watch"]["flat"], state["watch"]["stuck"]
+        sums = (tensors[f"progress.loss_sum.{rank}"], tensors[f"progress.correct.{rank}"])
+        keys = ("epoch", "step", "history", "epoch_seconds", "best_acc")
+        progress = {k: state[k] for k in keys}
+        order = tensors["rng.order"]
+    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise NinError(
+            f"{path}: training state incomplete or does not fit this run ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); start a new run with another --out"
+        ) from None
+    return progress, sums, order
