@@ -204,7 +204,11 @@ the last 10,000 (the test split is not read). Chosen: **{chosen}** (best validat
   normalisation and ZCA whitening.
 - Schedule: one-cycle annealing over a fixed number of epochs, not lr ÷10 when validation stalls
   (the loop has no plateau or step schedule).
-- Init: PyTorch's default (Kaiming-uniform), not Gaussian std 0.05 (the loop has no such option).
+- Init: Xavier-uniform (as the chapter's code), not Gaussian std 0.05. In a 2-epoch CPU check
+  (one-cycle, 8,192 CIFAR-10 / 20,000 MNIST training images), Gaussian std 0.05 and PyTorch's
+  default init both sat at chance (loss 2.30) on `paper-mnist` and PyTorch's default did on
+  `paper-cifar10`, while Xavier learned (MNIST loss 0.91 and 82% test accuracy after 2 epochs;
+  CIFAR-10 loss 2.25 and 20%).
 - `paper-mnist` uses `nin_mnist`: the paper gives its MNIST net only as "the CIFAR-10 structure
   with fewer maps"; its widths here are half the CIFAR-10 net's. The measured `mnist` row uses
   `nin_compact` (batch norm, 48/96/192 channels) because it trains in minutes on 2 CPU cores.
