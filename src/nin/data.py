@@ -10,7 +10,6 @@ resized, normalised and augmented there, in one go. There is no per-sample Pytho
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gzip
 import hashlib
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nin.errors import NinError
-from nin.files import atomic_path
+from nin.files import atomic_path, no_empty_dirs_left
 
 IDX_DTYPES = {0x08: torch.uint8}
 CIFAR_SIDE = 32
@@ -262,17 +261,14 @@ def _ensure_unpacked(
 
 
 def _download_from_mirrors(path: Path, md5: str, mirrors: tuple[str, ...], what: str) -> None:
-    made = [d for d in path.parents if not d.exists()]  # deepest first
     reasons = []
-    for base in mirrors:
-        try:
-            download(base.rstrip("/") + "/" + path.name, path, md5)
-            return
-        except NinError as e:
-            reasons.append(str(e))
-    for folder in made:  # leave no empty folders behind a failed download
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+    with no_empty_dirs_left(path.parent):
+        for base in mirrors:
+            try:
+                download(base.rstrip("/") + "/" + path.name, path, md5)
+                return
+            except NinError as e:
+                reasons.append(str(e))
     raise NinError(
         f"could not download {path.name} ({'; '.join(reasons)}). Download the data set's {what} "
         f"from {mirrors[0]} and put them in {path.parent}/, or point --data-dir or "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -39,6 +40,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
+def no_empty_dirs_left(path: Path) -> Iterator[None]:
+    """Around work that may create `path`'s missing folders: on leaving, remove those of them
+    that are still empty (a failed step leaves no empty folders; a successful one keeps its)."""
+    made = [d for d in (path, *path.parents) if not d.exists()]  # deepest first
+    try:
+        yield
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty, or not made after all
+                folder.rmdir()
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -31,6 +31,7 @@ from nin.checkpoint import (
     optimizer_scalars,
     optimizer_tensors,
     per_rank,
+    read_config,
     restore_training,
     rng_tensors,
     save_checkpoint,
@@ -47,7 +48,7 @@ from nin.distributed import (
     init_world,
 )
 from nin.errors import NinError
-from nin.files import atomic_path, save_figure, write_json
+from nin.files import atomic_path, no_empty_dirs_left, save_figure, write_json
 from nin.models import count_parameters, create_model, model_info, xavier_init_
 
 
@@ -247,8 +248,6 @@ def make_config(preset: str = "compact", scale_lr: bool = False, **overrides: An
 
 def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
     """The saved config of a run to resume; only where it runs (`data_dir`, `device`) may change."""
-    from nin.checkpoint import read_config
-
     saved = read_config(Path(run_dir))
     changed = sorted(
         k for k, v in overrides.items() if k not in RESUMABLE and v != saved.get(k, object())
@@ -704,8 +703,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
         train_acc = all_reduce(correct, world).item() / n
         seconds = time.perf_counter() - start
         loss_sum.zero_(), correct.zero_()
-        if watch.poll() or not math.isfinite(train_loss):
-            watch.reason = watch.reason or "diverged"
+        if watch.poll():  # it has seen every batch's loss, so a non-finite one too
             fail(epoch)
         broadcast_buffers(model, world)  # every process evaluates rank 0's model
         confusion = all_reduce(evaluate(model, eval_loader, num_classes, config.amp), world)
@@ -740,8 +738,6 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
     if confusion is None:  # killed after its last checkpoint, before the final files: write them
         broadcast_buffers(model, world)
         confusion = all_reduce(evaluate(model, eval_loader, num_classes, config.amp), world)
-    if watch.poll(model):  # the final weights must be finite too
-        fail(config.epochs)
     history = progress["history"]
     final = history[-1]
     train_seconds = sum(row["epoch_seconds"] for row in history)
@@ -754,7 +750,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
         "train_seconds": train_seconds,
         "per_class_acc": per_class_accuracy(confusion),
     }
-    if world.main:
+    if world.main:  # the weights are finite: the last checkpoint checked them before saving
         save_checkpoint(run_dir, model, saved)
         title = f"{config.model}, preset {config.preset}"
         plot_curves(history, run_dir / "curves.png", title=title)
@@ -813,19 +809,19 @@ def check_run_dir(run_dir: Path) -> str:
             f"{run_dir} already holds a run that saved no checkpoint; delete it, or choose "
             "another --out"
         )
-    made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     probe = run_dir / ".write-test"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:  # a byte on disk: the directory takes files, there is room
-            f.write(b"\0")
-            os.fsync(f.fileno())
-    except OSError as e:
-        return f"cannot write to {run_dir} ({e.strerror}); choose another --out"
-    finally:  # leave nothing behind, not even an empty directory, if the run fails early
-        for leftover in (probe, *made):
+    # Leave nothing behind, not even an empty directory: the run makes it again when it writes.
+    with no_empty_dirs_left(run_dir):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:  # a byte on disk: the directory takes files, has room
+                f.write(b"\0")
+                os.fsync(f.fileno())
+        except OSError as e:
+            return f"cannot write to {run_dir} ({e.strerror}); choose another --out"
+        finally:
             with contextlib.suppress(OSError):
-                leftover.unlink() if leftover is probe else leftover.rmdir()
+                probe.unlink()
     return ""
 
 
