@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nin.train import make_config, train
+from nin.train import make_config, new_run_dir, train
 
 # (what changes, overrides of the compact preset)
 VARIANTS = [
@@ -37,7 +37,8 @@ def main() -> None:
 
     rows = []
     for i, (what, overrides) in enumerate(VARIANTS):
-        config = make_config("compact", data_dir=args.data_dir, out=f"runs/recipe-{i}", **overrides)
+        out = str(new_run_dir(f"recipe-{i}"))  # fresh: a run directory is never overwritten
+        config = make_config("compact", data_dir=args.data_dir, out=out, **overrides)
         result = train(config, log=lambda line: print(line, flush=True))
         rows.append(
             f"| {what} | {result['test_acc']:.4f} | {result['train_acc']:.4f} "

@@ -20,7 +20,7 @@ from torch import nn
 
 from nin.data import dataset_spec, load_split
 from nin.models import create_model
-from nin.train import cpu_name, make_config, train
+from nin.train import cpu_name, make_config, new_run_dir, train
 
 
 def on(flag: bool) -> str:
@@ -68,9 +68,9 @@ def main() -> None:
     parser.add_argument("--naive-steps", type=int, default=60)
     args = parser.parse_args()
 
-    config = make_config(
-        "compact", data_dir=args.data_dir, epochs=args.epochs, out="runs/benchmark"
-    )
+    # A fresh run directory each time: `nin train` never overwrites one that holds a run.
+    out = str(new_run_dir("benchmark"))
+    config = make_config("compact", data_dir=args.data_dir, epochs=args.epochs, out=out)
     wall = time.perf_counter()
     result = train(config)
     wall = time.perf_counter() - wall
