@@ -27,6 +27,7 @@ from nin.files import atomic_path, write_json
 from nin.models import create_model
 
 if TYPE_CHECKING:
+    from nin.fast import Lookahead
     from nin.train import TrainingWatch
 
 WEIGHTS = "model.safetensors"
@@ -212,6 +213,7 @@ def restore_training(
     world: World,
     name: str,
     epochs: int,
+    lookahead: Lookahead | None = None,
 ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Load a training-state file into every piece of the run; returns the progress, this
     process's partial-epoch sums, and the order generator's state at the epoch's start."""
@@ -249,6 +251,8 @@ def restore_training(
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"], loader.device)
         loader.augment_generator.set_state(tensors[f"rng.augment.{rank}"])
         watch.flat, watch.stuck = state["watch"]["flat"], state["watch"]["stuck"]
+        if lookahead is not None:
+            lookahead.load_state_dict(tensors)
         sums = (tensors[f"progress.loss_sum.{rank}"], tensors[f"progress.correct.{rank}"])
         keys = ("epoch", "step", "history", "epoch_seconds", "best_acc")
         progress = {k: state[k] for k in keys}

@@ -121,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     num_classes = saved["num_classes"]
     place_model(model, device, config.channels_last)
     check_input_size(model, test_loader, config.model)
-    confusion = evaluate(model, test_loader, num_classes, config.amp)
+    confusion = evaluate(model, test_loader, num_classes, config.amp, config.tta)
     classes = dataset_spec(config.dataset).classes
     print(f"{config.model} on {config.dataset} test split ({test_loader.num_examples} images)")
     for name, acc in zip(classes, per_class_accuracy(confusion), strict=True):
@@ -240,6 +240,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from nin.data import DATASETS
+    from nin.train import PRESET_NOTES
 
     parser = Parser(
         prog="nin", description="Network in Network: build, inspect, train and evaluate NiN."
@@ -287,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--preset",
-        help="compact (the default, fast on a CPU), d2l (the chapter), paper-cifar10, cifar10, "
-        "paper-mnist, mnist (see the README)",
+        help="; ".join(f"{name}: {note}" for name, note in PRESET_NOTES.items()).replace("%", "%%"),
     )
     p.add_argument("--model", help="a registered model (see `nin models`)")
     p.add_argument("--dataset", choices=sorted(DATASETS), help="default fashion-mnist")
@@ -299,7 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, help="L2 penalty")
     p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")
-    p.add_argument("--schedule", choices=["constant", "onecycle"], help="learning-rate schedule")
+    p.add_argument(
+        "--schedule",
+        choices=["constant", "onecycle", "linear"],
+        help="learning-rate schedule: onecycle (cosine), linear (airbench's triangle)",
+    )
+    p.add_argument(
+        "--init",
+        choices=["default", "xavier", "whiten"],
+        help="weights: PyTorch's, Xavier (the chapter's), or a whitened first layer (airbench)",
+    )
+    p.add_argument(
+        "--bias-lr-scale", type=float, help="lr multiplier of batch-norm shifts (default 1)"
+    )
+    p.add_argument(
+        "--lookahead",
+        type=int,
+        metavar="STEPS",
+        help="pull the weights towards their running average every STEPS steps (0: off)",
+    )
+    p.add_argument(
+        "--tta",
+        type=int,
+        choices=[0, 1, 2],
+        help="test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + shifts",
+    )
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
     p.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory"

@@ -492,12 +492,12 @@ class DeviceLoader:
             index = order[start : start + self.batch_size]
             yield self.prepare(self.images[index]), self.labels[index]
 
-    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float, resized, normalised, augmented."""
+    def prepare(self, batch: torch.Tensor, augment: bool = True) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float, resized, normalised, augmented (unless not `augment`)."""
         x = batch.float().div_(255)
-        if self.crop_padding:
+        if self.crop_padding and augment:
             x = random_translate(x, self.crop_padding, self.augment_generator)
-        if self.flip:
+        if self.flip and augment:
             x = random_flip(x, self.augment_generator)
         if self.resize and self.resize != x.shape[-1]:
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear")

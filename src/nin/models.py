@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from nin.errors import NinError
 
@@ -24,6 +24,8 @@ def nin_block(
     batch_norm: bool = False,
     pointwise_channels: Sequence[int] | None = None,
     final_relu: bool = True,
+    pool: nn.Module | None = None,
+    activation: type[nn.Module] = nn.ReLU,
 ) -> nn.Sequential:
     """A k×k convolution followed by `num_pointwise` 1×1 convolutions, each with ReLU.
 
@@ -32,6 +34,8 @@ def nin_block(
     of them, each keeping `out_channels`, as in the chapter.
     `batch_norm` puts BatchNorm between each convolution and its ReLU. `final_relu=False` leaves
     the block's last convolution bare, so a classifier block can emit signed logits.
+    `pool` goes right after the k×k convolution (before its batch norm): the 1×1s then work
+    on a quarter of the positions, as airbench pools. `activation` replaces ReLU.
     """
     if num_pointwise < 0:
         raise NinError(f"num_pointwise must be 0 or more, got {num_pointwise}")
@@ -45,10 +49,12 @@ def nin_block(
         bare = is_last and not final_relu
         norm = batch_norm and not bare
         layers.append(nn.Conv2d(c_in, c_out, k, s, p, bias=not norm))
+        if i == 0 and pool is not None:
+            layers.append(pool)
         if norm:
             layers.append(nn.BatchNorm2d(c_out))
         if not bare:
-            layers.append(nn.ReLU(inplace=True))
+            layers.append(activation() if activation is not nn.ReLU else nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 
@@ -320,6 +326,80 @@ def nin_imagenet(
         paper_block(384, (1024, 1024, num_classes), 3, 1, 1, n, bn),
         *global_average_pool(),
     )
+
+
+class Scale(nn.Module):
+    """Multiply by a constant: tempers the class maps of a batch-normed net at the start."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+# The fast NiNs' widths: blocks 1-3 (each a 3×3 convolution, a 2×2 max-pool and 1×1s).
+FAST_CFGS: dict[str, tuple[int, int, int]] = {
+    "nin_fast": (64, 256, 256),
+    "nin_fast_wide": (128, 384, 384),
+}
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def _create_fast(
+    variant: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    num_pointwise: int = 1,
+    activation: str = "gelu",
+    batch_norm_momentum: float = 0.4,
+    logit_scale: float = 1 / 9,
+) -> NiN:
+    """A fast NiN for 32×32 colour images: airbench's layout with NiN blocks.
+
+    A 2×2 convolution to 2·C·4 maps (`init="whiten"` sets it from the data: patch whitening),
+    three NiN blocks, each a 3×3 convolution pooled 2×2 before batch norm and its 1×1s, then
+    a 1×1 class-map convolution and global average pooling; no dense layer. Batch norm learns
+    its shift only (scale fixed at 1) and follows the batch fast (`batch_norm_momentum`);
+    every convolution after the first starts as the identity on its first channels (Dirac).
+    """
+    if activation not in ACTIVATIONS:
+        known = ", ".join(ACTIVATIONS)
+        raise NinError(f"unknown activation {activation!r}; choose one of: {known}")
+    act = ACTIVATIONS[activation]
+    whiten = 2 * in_channels * 2 * 2
+    c = whiten
+    blocks: list[nn.Module] = [nin_block(in_channels, whiten, 2, num_pointwise=0, activation=act)]
+    for width in FAST_CFGS[variant]:
+        pool = nn.MaxPool2d(2)
+        blocks.append(nin_block(c, width, 3, 1, 1, num_pointwise, True, pool=pool, activation=act))
+        c = width
+    model = NiN(*blocks, nn.Conv2d(c, num_classes, 1, bias=False), Scale(logit_scale),
+                *global_average_pool())  # fmt: skip
+    for module in nn.Sequential(*blocks[1:]).modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = batch_norm_momentum
+            module.weight.requires_grad_(False)
+        elif isinstance(module, nn.Conv2d):
+            w = module.weight.data
+            nn.init.dirac_(w[: min(w.shape[:2])])
+    return model
+
+
+@register_model((3, 32, 32), "fast NiN for CIFAR-10 (airbench's tricks): 64/256/256 channels")
+def nin_fast(**kwargs) -> NiN:
+    """The fast NiN at airbench94's widths (see `_create_fast`)."""
+    return _create_fast("nin_fast", **kwargs)
+
+
+@register_model((3, 32, 32), "wider fast NiN for CIFAR-10: 128/384/384 channels")
+def nin_fast_wide(**kwargs) -> NiN:
+    """The fast NiN at 128/384/384 channels (see `_create_fast`)."""
+    return _create_fast("nin_fast_wide", **kwargs)
 
 
 def xavier_init_(model: nn.Module) -> nn.Module:

@@ -1,0 +1,140 @@
+"""Fast-training pieces, after airbench (Keller Jordan's CIFAR-10 speed runs), for any NiN.
+
+Each is a small function or object the training loop calls at one place:
+- `init_whitening_`: set the first convolution to whiten image patches (PCA of the data);
+- `param_groups`: a larger learning rate for batch-norm shifts, the same decay per step;
+- `Lookahead`: every few steps, pull the weights towards their running average, and end on it;
+- `tta_logits`: average the logits over flipped and shifted copies of each test image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nin.errors import NinError
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    """The model's first convolution (every NiN starts with one)."""
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@torch.no_grad()
+def init_whitening_(model: nn.Module, images: Tensor, eps: float = 5e-4) -> None:
+    """Make the first convolution whiten its k×k patches of `images` (normalised floats).
+
+    Its filters become the eigenvectors of the patch covariance, scaled by 1/sqrt(eigenvalue),
+    and their negatives (so a ReLU/GELU after it loses nothing). The weights stay fixed
+    (`requires_grad` off); the bias still trains.
+    """
+    conv = first_conv(model)
+    c, (h, w) = images.shape[1], conv.kernel_size
+    if conv.out_channels != 2 * c * h * w or conv.in_channels != c:
+        raise NinError(
+            f"whitening needs a first convolution from {c} to {2 * c * h * w} channels "
+            f"(2 × channels × {h}×{w}); {type(model).__name__}'s goes {conv.in_channels} → "
+            f"{conv.out_channels}: use --init default"
+        )
+    patches = images.float().unfold(2, h, 1).unfold(3, w, 1)  # (N, C, H', W', h, w)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).flip(0).view(-1, c, h, w)
+    conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
+    conv.weight.requires_grad_(False)
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float = 1.0
+) -> list[dict]:
+    """Optimizer groups: batch-norm shifts (biases) at `bias_lr_scale` × lr, the rest at lr.
+
+    Weight decay is divided by the same factor, so every parameter decays by the same
+    fraction per step (airbench's "bias scaler"). Frozen parameters are left out.
+    """
+    norm = {
+        id(m.bias) for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None
+    }  # fmt: skip
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if bias_lr_scale == 1:
+        return [dict(params=trainable, lr=lr, weight_decay=weight_decay)]
+    groups = [
+        dict(params=[p for p in trainable if id(p) not in norm], lr=lr, weight_decay=weight_decay),
+        dict(
+            params=[p for p in trainable if id(p) in norm],
+            lr=lr * bias_lr_scale,
+            weight_decay=weight_decay / bias_lr_scale,
+        ),
+    ]
+    return [g for g in groups if g["params"]]
+
+
+class Lookahead:
+    """Every `every` steps, move a running average of the weights (and batch-norm statistics)
+    towards the live ones and copy it back into the model (hlb-CIFAR10's lookahead).
+
+    The averaging strength grows as (step / total)³, so early training is left alone and the
+    end is smoothed most; `finish` leaves the model on the average.
+    """
+
+    def __init__(self, model: nn.Module, every: int, total_steps: int) -> None:
+        self.every, self.total_steps = every, total_steps
+        self.average = {k: v.detach().clone() for k, v in self.floats(model).items()}
+
+    @staticmethod
+    def floats(model: nn.Module) -> dict[str, Tensor]:
+        """The model's floating-point weights and buffers, by state-dict name."""
+        return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, step: int) -> None:
+        """Call after optimizer step `step` (1-based): averages every `every` steps, and after
+        the last step leaves the model on the average."""
+        if step % self.every == 0:
+            decay = 0.95**self.every * (min(step, self.total_steps) / self.total_steps) ** 3
+            self.pull(model, decay)
+        if step == self.total_steps:
+            self.pull(model, 1.0)
+
+    @torch.no_grad()
+    def pull(self, model: nn.Module, decay: float) -> None:
+        """average ← decay·average + (1 − decay)·live; then live ← average."""
+        for name, live in self.floats(model).items():
+            self.average[name].lerp_(live, 1 - decay)
+            live.copy_(self.average[name])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The average, as tensors for a checkpoint."""
+        return {f"lookahead.{k}": v for k, v in self.average.items()}
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """Put back an average saved by `state_dict` (missing names are an error)."""
+        for name, value in self.average.items():
+            value.copy_(tensors[f"lookahead.{name}"])
+
+
+TTA_LEVELS = {0: "none", 1: "left-right flip", 2: "flip and 1-pixel shifts"}
+
+
+def tta_logits(model: nn.Module, x: Tensor, level: int = 0) -> Tensor:
+    """Logits of `model` on `x`, averaged over test-time augmentations.
+
+    Level 0: plain. Level 1: the image and its mirror. Level 2: level 1, averaged (half and
+    half) with level 1 on the image shifted one pixel up-left and one pixel down-right.
+    """
+
+    def mirrored(x: Tensor) -> Tensor:
+        return (model(x) + model(x.flip(-1))) / 2
+
+    if level == 0:
+        return model(x)
+    logits = mirrored(x)
+    if level == 1:
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+    return (logits + shifted) / 2
