@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup train test lint format benchmark clean
+.PHONY: setup train test lint format benchmark gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,15 @@ format: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/cpu_default.py
 	$(BIN)/python benchmarks/cpu_switches.py
+
+# The GPU check (benchmarks/gpu_check.py): every CUDA path and every GPU figure in at most
+# 8 minutes, written into docs/. SMOKE=1: the same steps with tiny sizes on any device (about a
+# minute on a CPU; writes runs/gpu-check only). DATA_DIR=DIR: where the data sets are (default
+# $NIN_DATA_DIR or ~/.cache/nin; never downloaded). NOVENV=1: run with $(PYTHON) and this
+# checkout's src/ instead of setting up .venv (a GPU machine with torch and no package index).
+gpu-check: $(if $(NOVENV),,$(STAMP))
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(if $(NOVENV),$(PYTHON),$(BIN)/python) \
+		benchmarks/gpu_check.py $(if $(SMOKE),--smoke) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -158,7 +158,7 @@ def report(out: Path) -> None:
     select_rows = "\n".join(
         f"| {name} | `{' '.join(CANDIDATES[name]) or '(the preset)'}` | "
         + " | ".join(f"{100 * r['val_acc_by_tta'][k]:.2f}" for k in ("0", "1", "2"))
-        + f" | {minutes(r['wall_seconds'])} |"
+        + " |"
         for name, r in select
         if r
     )
@@ -247,8 +247,8 @@ Each candidate trained on the first 45,000 training images and scored on the las
 (`--holdout {HOLDOUT}`); the test split was not read. Validation accuracy % by test-time
 augmentation level (0 none, 1 flip, 2 flip and shifts):
 
-| candidate | options | TTA 0 | TTA 1 | TTA 2 | wall time |
-|---|---|---|---|---|---|
+| candidate | options | TTA 0 | TTA 1 | TTA 2 |
+|---|---|---|---|---|
 {select_rows}
 
 ### Width or recipe?
