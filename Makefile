@@ -36,7 +36,7 @@ benchmark: $(STAMP)
 
 # The GPU check (benchmarks/gpu_check.py): every CUDA path and every GPU figure in at most
 # 8 minutes, written into docs/. SMOKE=1: the same steps with tiny sizes on any device (about a
-# minute on a CPU; writes runs/gpu-check only). DATA_DIR=DIR: where the data sets are (default
+# minute or so on a CPU; writes runs/gpu-check only). DATA_DIR=DIR: where the data sets are (default
 # $NIN_DATA_DIR or ~/.cache/nin; never downloaded). NOVENV=1: run with $(PYTHON) and this
 # checkout's src/ instead of setting up .venv (a GPU machine with torch and no package index).
 gpu-check: $(if $(NOVENV),,$(STAMP))

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 from report import machine, write_section
-from scipy import stats
 
 from nin.checkpoint import load_checkpoint
 from nin.models import create_model
@@ -50,12 +49,14 @@ HOLDOUT = 5000
 CANDIDATES: dict[str, list[str]] = {
     "e10": ["--epochs", "10"],
     "pw2": ["--epochs", "10", "--model-kwargs", '{"num_pointwise": 2}'],
-    "relu": ["--epochs", "10", "--model-kwargs", '{"activation": "relu"}'],
 }
 # The authors' network under the same recipe: batch norm on, no whitening (its first layer is
 # a 5×5 convolution to 192 maps, not 2·3·2·2), epochs cut to the same budget.
 AUTHORS = ["--model", "nin_cifar", "--model-kwargs", '{"batch_norm": true}', "--init", "default"]
-AUTHORS_EPOCHS = 4
+AUTHORS_EPOCHS = 2
+# The 45-minute budget: the most epochs of the same recipe that fit 45 minutes with a 10%
+# margin for the machine's run-to-run variation (about 90 s an epoch here, evaluation included).
+LONG_EPOCHS = 27
 
 
 def run(name: str, args: list[str], data_dir: str | None) -> dict[str, Any]:
@@ -133,10 +134,21 @@ def stage_authors(data_dir: str | None, only: list[str] | None) -> None:
     run("authors", [*AUTHORS, "--epochs", str(AUTHORS_EPOCHS)], data_dir)
 
 
+def stage_long(data_dir: str | None, only: list[str] | None) -> None:
+    """The same recipe with the epochs of the 45-minute budget, on the full training split."""
+    run("long", ["--epochs", str(LONG_EPOCHS)], data_dir)
+
+
 def flops(model_name: str, **kwargs: Any) -> int:
     """Forward FLOPs per 32×32 image (multiply-adds × 2)."""
     model = create_model(model_name, **kwargs)
     return sum(r.flops for r in leaf_rows(summarize(model, (3, 32, 32))))
+
+
+def run_flops(row: dict[str, Any]) -> int:
+    """Forward FLOPs per image of the network a saved run trained."""
+    config = json.loads((Path(row["run_dir"]) / "config.json").read_text())
+    return flops(config["model"], **config["model_kwargs"])
 
 
 def time_to(row: dict[str, Any], target: float) -> float | None:
@@ -152,11 +164,11 @@ def minutes(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 60:.1f} min"
 
 
-def report(out: Path) -> None:
-    """Write the section from the saved runs."""
+def report(out: Path, readme: Path = Path("README.md")) -> None:
+    """Write the section of `out` from the saved runs, and the README's summary of it."""
     select = [(name, load(f"select-{name}")) for name in CANDIDATES]
     select_rows = "\n".join(
-        f"| {name} | `{' '.join(CANDIDATES[name]) or '(the preset)'}` | "
+        f"| {name} | `{' '.join(CANDIDATES[name])}` | {run_flops(r) / 1e6:.0f} M | "
         + " | ".join(f"{100 * r['val_acc_by_tta'][k]:.2f}" for k in ("0", "1", "2"))
         + " |"
         for name, r in select
@@ -176,17 +188,28 @@ def report(out: Path) -> None:
             f"test-time augmentation: {statistics.mean(plain):.2f}%."
         )
         if len(accs) > 1:
+            from scipy import stats  # here: the GPU check imports this file without SciPy
+
             test = stats.ttest_1samp(accs, 100 * PAPER, alternative="greater")
             lines.append(
                 f"Against the paper's 91.19%: one-sided one-sample t-test over the seeds, "
                 f"t = {test.statistic:.2f}, p = {test.pvalue:.2g}."
             )
+    long = load("long")
+    if long:
+        lines.append(
+            f"With the epochs of a 45-minute budget (`--epochs {long['epochs']}`, one seed): "
+            f"**{100 * long['result']['test_acc']:.2f}%** in {minutes(long['wall_seconds'])}; "
+            f"past 93% (without test-time augmentation) at "
+            f"{minutes(time_to(long, 0.93))}."
+        )
     per_seed = "\n".join(
-        f"| {r['name'].split('-s')[-1]} | {100 * r['result']['test_acc']:.2f} | "
+        f"| {r['epochs']} | {r['name'].split('-s')[-1] if '-s' in r['name'] else 0} | "
+        f"{100 * r['result']['test_acc']:.2f} | "
         f"{100 * r['result']['test_acc_no_tta']:.2f} | "
         + " | ".join(minutes(time_to(r, t)) for t in TARGETS)
         + f" | {minutes(r['wall_seconds'])} | {r['result']['examples_per_sec']:.0f} |"
-        for r in finals
+        for r in [*finals, *([long] if long else [])]
     )
     authors = load("authors")
     networks = [("nin_fast", {}, finals[0] if finals else None)]
@@ -216,12 +239,13 @@ with test-time augmentation, saving.
 
 Command: `{command} --data-dir DIR`.
 
-| seed | test acc % | without TTA | time to 91.19% | to 93% | to 94% | wall time | images/s |
-|---|---|---|---|---|---|---|---|
+| epochs | seed | test acc % | no TTA | to 91.19% | to 93% | to 94% | wall time | images/s |
+|---|---|---|---|---|---|---|---|---|
 {per_seed}
 
-"Time to" reads the test accuracy after each epoch (no test-time augmentation), only to draw
-this curve: nothing was chosen from it.
+"To 91.19%" and the others: from the command's start to the end of the first epoch whose test
+accuracy (read after each epoch, without test-time augmentation, only for these columns; nothing
+was chosen from it) reached the mark.
 
 ### The recipe
 
@@ -247,8 +271,8 @@ Each candidate trained on the first 45,000 training images and scored on the las
 (`--holdout {HOLDOUT}`); the test split was not read. Validation accuracy % by test-time
 augmentation level (0 none, 1 flip, 2 flip and shifts):
 
-| candidate | options | TTA 0 | TTA 1 | TTA 2 |
-|---|---|---|---|---|
+| candidate | options | forward FLOPs / image | TTA 0 | TTA 1 | TTA 2 |
+|---|---|---|---|---|---|
 {select_rows}
 
 ### Width or recipe?
@@ -262,9 +286,32 @@ the same wall-time budget (`{shlex.join(AUTHORS)} --epochs {AUTHORS_EPOCHS}`):
 """
     write_section(out, "cifar10-fast", text)
     print(f"wrote {out}")
+    if finals and readme.exists():
+        first = [t for r in finals if (t := time_to(r, PAPER)) is not None]
+        reached = f", first past it after {minutes(min(first))}" if first else ""
+        long_line = (
+            f" With `--epochs {long['epochs']}` (a 45-minute budget, one seed): "
+            f"{100 * long['result']['test_acc']:.2f}% in {minutes(long['wall_seconds'])}."
+            if long
+            else ""
+        )
+        summary = f"""
+Measured on 2 CPU cores, one run at a time ({where}): {lines[0]}
+The paper's best is 91.19% after about 300 epochs on a GPU{reached}.{long_line} Every choice
+was made on a 5,000-image validation split carved from train; the test split was read only to
+report. Per-seed times, the validation table and the authors' network under the same recipe:
+[docs/results.md](docs/results.md) (written by `python benchmarks/cifar10_fast.py`).
+"""
+        write_section(readme, "cifar10-fast", summary)
+        print(f"wrote {readme}")
 
 
-STAGES = {"select": stage_select, "final": stage_final, "authors": stage_authors}
+STAGES = {
+    "select": stage_select,
+    "final": stage_final,
+    "authors": stage_authors,
+    "long": stage_long,
+}
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The GPU check (`make gpu-check`): every CUDA path exercised and every GPU figure measured, in
 one run of at most 8 minutes on one GPU. `--smoke` runs the same steps with tiny sizes on any
-device (about a minute on 2 CPU cores) and writes nothing into docs/.
+device (80 s on 2 busy CPU cores) and writes nothing into docs/.
 
 Steps, the most valuable first; each keeps its figures as soon as it has them, so a run cut short
 still leaves some:
@@ -55,6 +55,7 @@ from cifar10_fast import TARGETS, time_to
 from report import machine, write_section
 
 from nin.data import DATASETS, data_root
+from nin.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 # The chapter's published run (REFERENCE.md: the Chinese edition, on one GPU).
@@ -126,13 +127,6 @@ class Check:
                 if not self.render_failed:
                     traceback.print_exc()
                 self.render_failed = True
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON through a temporary file, so a reader never sees half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:

@@ -142,7 +142,7 @@ def test_cifar10_fast_learns_on_a_real_subset(tmp_path):
         "cifar10-fast",
         data_dir=str(SHARED_DATA),
         train_subset=4096,
-        test_subset=1000,
+        test_subset=500,
         batch_size=256,
         lr=0.4,
         epochs=3,
@@ -150,5 +150,5 @@ def test_cifar10_fast_learns_on_a_real_subset(tmp_path):
     )
     result = train(config, log=lambda _: None)
     assert result["tta"] == 2
-    # Chance is 10%; three short epochs on 4,096 images reach well above it.
-    assert result["test_acc"] > 0.35, result
+    # Chance is 10%; three short epochs on 4,096 images (48 steps) reach well above it.
+    assert result["test_acc"] > 0.25, result
