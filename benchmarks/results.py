@@ -73,8 +73,8 @@ def chosen_epochs() -> int:
 
 
 def data_flag(data_dir: str | None) -> str:
-    """The --data-dir part of a printed command, if one was given."""
-    return f" --data-dir {data_dir}" if data_dir else ""
+    """The --data-dir part of a printed command, if one was given: the reader's own, DIR."""
+    return " --data-dir DIR" if data_dir else ""
 
 
 def nin(args: str) -> str:
