@@ -36,9 +36,11 @@ import torch
 from report import machine, write_section
 
 from nin.checkpoint import load_checkpoint
+from nin.config import make_config
+from nin.data import make_loader
+from nin.evaluate import evaluate
 from nin.models import create_model
 from nin.resources import leaf_rows, summarize
-from nin.train import accuracy, evaluate, make_config, make_loader
 
 SAVED = Path("runs/cifar10-fast")
 SEEDS = (0, 1, 2)
@@ -112,7 +114,7 @@ def score_tta_levels(row: dict[str, Any], data_dir: str | None) -> dict[str, flo
     loader = make_loader(config, "val", torch.device("cpu"))
     model.to(memory_format=torch.channels_last)
     return {
-        str(level): accuracy(evaluate(model, loader, saved["num_classes"], True, level))
+        str(level): evaluate(model, loader, saved["num_classes"], True, level).accuracy
         for level in (0, 1, 2)
     }
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from nin.train import make_config, new_run_dir, train
+from nin.checkpoint import new_run_dir
+from nin.config import make_config
+from nin.train import train
 
 # (what changes, overrides of the compact preset)
 VARIANTS = [

@@ -18,9 +18,12 @@ import torch
 from report import write_section
 from torch import nn
 
+from nin.checkpoint import new_run_dir
+from nin.config import make_config
 from nin.data import dataset_spec, load_split
+from nin.device import cpu_name
 from nin.models import create_model
-from nin.train import cpu_name, make_config, new_run_dir, train
+from nin.train import train
 
 
 def on(flag: bool) -> str:

@@ -20,9 +20,10 @@ import torch
 from report import machine, write_section
 from torch import nn
 
-from nin.data import DeviceLoader, dataset_spec, load_split
+from nin.data import DeviceLoader, Preprocess, dataset_spec, load_split
+from nin.device import place_model
 from nin.models import create_model
-from nin.train import place_model, train_step
+from nin.train import train_step
 
 
 def batches(data_dir: str | None, batch_size: int, channels_last: bool) -> list:
@@ -30,8 +31,8 @@ def batches(data_dir: str | None, batch_size: int, channels_last: bool) -> list:
     spec = dataset_spec("fashion-mnist")
     images, labels = load_split("fashion-mnist", "train", data_dir)
     loader = DeviceLoader(
-        images[: batch_size * 12], labels[: batch_size * 12], batch_size, mean=spec.mean,
-        std=spec.std, channels_last=channels_last,
+        images[: batch_size * 12], labels[: batch_size * 12], batch_size,
+        preprocess=Preprocess(None, spec.mean, spec.std, channels_last),
     )  # fmt: skip
     return list(loader)
 

@@ -32,11 +32,12 @@ import torch
 from report import machine, write_section
 from torch import nn
 
+from nin.config import make_config
 from nin.data import load_split
 from nin.errors import NinError
 from nin.models import create_model, model_info, xavier_init_
 from nin.resources import training_flops
-from nin.train import make_config, train
+from nin.train import train
 
 # Dense bfloat16 tensor-core peaks, FLOP/s, from the vendors' data sheets.
 # Checked in this order: the first name found in the GPU's name wins.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from nin.device import cpu_name
 from nin.files import atomic_path
-from nin.train import cpu_name
 
 
 def machine() -> str:

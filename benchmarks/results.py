@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from report import machine, write_section
 
+from nin.config import make_config
 from nin.files import atomic_path, write_json
-from nin.train import make_config, train
+from nin.train import train
 
 SAVED = Path("runs/results")
 SELECT_EPOCHS = (4, 8)

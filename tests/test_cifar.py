@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from nin.cli import main
+from nin.config import make_config
 from nin.data import (
     CIFAR_RECORD,
     DATASETS,
     DeviceLoader,
+    Preprocess,
     ensure_files,
     extract_tar,
     load_split,
@@ -24,7 +26,7 @@ from nin.data import (
 )
 from nin.errors import NinError
 from nin.models import create_model
-from nin.train import make_config, train
+from nin.train import train
 
 from .conftest import SHARED_DATA
 
@@ -218,7 +220,9 @@ def test_real_cifar10_loads_and_normalises(real_cifar):
         assert torch.bincount(labels).tolist() == [n // 10] * 10
         if split == "test":
             assert labels[:4].tolist() == [3, 8, 8, 0]  # cat, ship, ship, airplane
-    loader = DeviceLoader(images, labels, 10000, mean=CIFAR10.mean, std=CIFAR10.std)
+    loader = DeviceLoader(
+        images, labels, 10000, preprocess=Preprocess(mean=CIFAR10.mean, std=CIFAR10.std)
+    )
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     for x, _ in loader:

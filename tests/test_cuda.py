@@ -23,17 +23,20 @@ import pytest
 import torch
 from PIL import Image
 
+import nin.device
 import nin.train
 from nin.checkpoint import LAST, read_config, read_tensors
 from nin.cli import main
+from nin.config import make_config
 from nin.data import dataset_spec, load_split
+from nin.device import amp_dtype, autocast
 from nin.distributed import World
 from nin.export import export_model
 from nin.models import create_model
 from nin.predict import Predictor
 from nin.pretrained import load_pretrained
 from nin.resources import measure_resources
-from nin.train import amp_dtype, autocast, make_config, train
+from nin.train import train
 from tests.conftest import SHARED_DATA
 from tests.test_resume import finish, nin, run_metrics, saved_step
 
@@ -114,7 +117,7 @@ def test_bfloat16_autocast_agrees_with_float32(gpu_run, data_dir, tmp_path):
 @pytest.mark.parametrize("fused", [False, True])
 def test_float16_autocast_scales_the_loss(data_dir, tmp_path, monkeypatch, fused):
     """GPUs without native bfloat16 (V100, T4) get float16 and a GradScaler: forced here."""
-    monkeypatch.setattr(nin.train, "amp_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(nin.device, "amp_dtype", lambda device: torch.float16)
     result = short_run(data_dir, tmp_path / "run", amp=True, fused=fused)
     assert_learned(result)
     _, metadata = read_tensors(Path(result["run_dir"]) / LAST)

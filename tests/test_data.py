@@ -13,6 +13,7 @@ from nin.data import (
     DATASETS,
     DatasetSpec,
     DeviceLoader,
+    Preprocess,
     download,
     ensure_files,
     load_split,
@@ -248,7 +249,7 @@ def test_loader_order_is_seeded():
 def test_loader_resizes_and_normalises_in_batch():
     images = torch.full((6, 1, 28, 28), 255, dtype=torch.uint8)
     loader = DeviceLoader(
-        images, torch.zeros(6, dtype=torch.long), 4, resize=224, mean=0.5, std=0.25
+        images, torch.zeros(6, dtype=torch.long), 4, preprocess=Preprocess(224, 0.5, 0.25)
     )
     x, _ = next(iter(loader))
     assert x.shape == (4, 1, 224, 224) and x.dtype == torch.float32

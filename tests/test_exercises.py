@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import nin.exercises as ex
+from nin.config import make_config
 from nin.errors import NinError
 from nin.models import create_model
-from nin.train import make_config
 
 TINY = ex.Scale(
     name="cpu",  # stands in for the CPU scale

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nin.config import make_config
 from nin.fast import Lookahead, first_conv, init_whitening_, param_groups, tta_logits
 from nin.models import NiN, create_model
-from nin.train import lr_scheduler, make_config, train
+from nin.train import lr_scheduler, train
 
 from .conftest import SHARED_DATA
 

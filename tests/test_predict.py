@@ -14,7 +14,7 @@ from PIL import Image
 from nin import predict
 from nin.checkpoint import save_checkpoint
 from nin.cli import main
-from nin.data import DeviceLoader, dataset_spec, load_split
+from nin.data import DeviceLoader, Preprocess, dataset_spec, load_split
 from nin.errors import NinError
 from nin.models import create_model
 from nin.predict import Predictor, load_predictor
@@ -49,7 +49,10 @@ def test_pipeline_matches_training(checkpoint: Path, tmp_path: Path) -> None:
     assert torch.equal(uint8, torch.from_numpy(pixels)[None])
     spec = dataset_spec("fashion-mnist")
     loader = DeviceLoader(
-        uint8[None], torch.zeros(1, dtype=torch.long), 1, mean=spec.mean, std=spec.std
+        uint8[None],
+        torch.zeros(1, dtype=torch.long),
+        1,
+        preprocess=Preprocess(28, spec.mean, spec.std),
     )
     with torch.no_grad():
         expected = predictor.model(loader.prepare(uint8[None])).softmax(1)[0]
@@ -188,7 +191,7 @@ def test_resize_config_is_used(tmp_path: Path) -> None:
     predictor = load_predictor(str(run))
     uint8, _ = predictor.to_uint8(Image.new("L", (50, 20)))
     assert uint8.shape == (1, 32, 32)
-    assert predictor.pipeline.prepare(uint8[None]).shape == (1, 1, 32, 32)
+    assert predictor.preprocess(uint8[None]).shape == (1, 1, 32, 32)
 
 
 def test_bundled_model_classifies_test_images(data_dir: Path, tmp_path: Path, capsys) -> None:

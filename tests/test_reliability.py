@@ -229,7 +229,11 @@ def damaged_state(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     assert main(["train", *common, "--epochs", "2", "--out", str(run)]) == 0
     (run / "model.safetensors").unlink()
     state = {"epoch": 1, "model": "nin_compact", "world_size": 1, "device_type": "cpu"}
-    save_state(run / "last.safetensors", create_model("nin_compact"), {}, state)
+    save_state(
+        run / "last.safetensors",
+        "nin_compact",
+        {"model": create_model("nin_compact").state_dict(), "run": state},
+    )
     return ["train", "--resume", str(run)]
 
 

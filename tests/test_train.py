@@ -1,12 +1,17 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from nin.checkpoint import load_checkpoint
+from nin.config import TrainConfig, make_config
+from nin.data import make_loader
+from nin.device import place_model
 from nin.errors import NinError
-from nin.train import TrainConfig, accuracy, evaluate, make_config, make_loader, place_model, train
+from nin.evaluate import accuracy, evaluate
+from nin.train import train
 
 QUICK = dict(train_subset=5000, test_subset=1000, epochs=2, batch_size=128)
 
@@ -60,8 +65,8 @@ def test_checkpoint_reloads_the_trained_model(quick_run):
     assert saved["preset"] == "compact" and saved["result"]["test_acc"] == result["test_acc"]
     device = torch.device("cpu")
     place_model(model, device, config.channels_last)
-    confusion = evaluate(model, make_loader(config, "test", device), 10, config.amp)
-    assert accuracy(confusion) == result["test_acc"]
+    evaluation = evaluate(model, make_loader(config, "test", device), 10, config.amp)
+    assert evaluation.accuracy == accuracy(evaluation.confusion) == result["test_acc"]
     again, _ = load_checkpoint(out / "model.safetensors")  # the weights file names the run too
     pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
@@ -252,7 +257,7 @@ def watch_step(watch, logits, loss=2.0, correct=4):
 
 
 def test_collapse_watch_needs_consecutive_flat_steps():
-    from nin.train import TrainingWatch
+    from nin.watch import TrainingWatch
 
     watch = TrainingWatch(4, 0, 10, torch.device("cpu"), window=2)
     flat, alive = torch.zeros(8, 10), torch.randn(8, 10)
@@ -270,7 +275,7 @@ def test_collapse_watch_needs_consecutive_flat_steps():
 def test_watch_stops_a_loss_stuck_at_chance_and_a_non_finite_loss():
     import math
 
-    from nin.train import TrainingWatch
+    from nin.watch import TrainingWatch
 
     alive = torch.randn(8, 10)
     watch = TrainingWatch(0, 4, 10, torch.device("cpu"), window=2)
@@ -280,8 +285,8 @@ def test_watch_stops_a_loss_stuck_at_chance_and_a_non_finite_loss():
     assert [watch_step(watch, alive, *s) for s in steps] == [False] * 6
     assert [watch_step(watch, alive, chance, 1) for _ in range(2)] == [False, True]
     assert watch.reason == "stuck"
-    assert "stayed at ln 10 = 2.303 with accuracy at chance for 4 steps" in watch.message(
-        1, 0.1, "kept"
+    assert "stayed at ln 10 = 2.303 with accuracy at chance for 4 steps" in str(
+        watch.error(1, 0.1, Path("missing"))
     )
     # Many right answers at that loss is not chance: no stop.
     watch = TrainingWatch(0, 2, 10, torch.device("cpu"), window=2)
@@ -320,12 +325,13 @@ def test_fused_optimizer_switch(data_dir, tmp_path, monkeypatch):
 
 def test_float16_autocast_with_loss_scaling_trains(data_dir, monkeypatch):
     # GPUs without bfloat16 get float16 and a GradScaler; the same path runs on the CPU here.
-    import nin.train
+    import nin.device
     from nin.data import load_split
+    from nin.device import grad_scaler
     from nin.models import create_model
-    from nin.train import grad_scaler, train_step
+    from nin.train import train_step
 
-    monkeypatch.setattr(nin.train, "amp_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(nin.device, "amp_dtype", lambda device: torch.float16)
     images, labels = load_split("fashion-mnist", "train", str(data_dir))
     x, y = images[:256].float().div(255), labels[:256].long()
     torch.manual_seed(0)

@@ -1,40 +1,38 @@
-"""Checkpoints: weights and training state in safetensors beside a JSON config, written
-atomically, loaded without ever unpickling anything.
+"""Run directories and checkpoints: weights and training state in safetensors beside a JSON
+config, written atomically, loaded without ever unpickling anything.
 
-A run directory holds `config.json`, `model.safetensors` (the final weights), and while it
-trains `last.safetensors` (everything a resume needs) and `best.safetensors` (the weights of
-the epoch with the best evaluation accuracy). Each is one file, so each is replaced atomically.
-The last part of this file gathers a run's state (optimizer, random states, per process) into
-tensors and JSON, and puts it back on a resume.
+A run directory holds `config.json`, `metrics.jsonl`, `model.safetensors` (the final weights),
+and while it trains `last.safetensors` (everything a resume needs) and `best.safetensors` (the
+weights of the epoch with the best evaluation accuracy). Each is one file, replaced atomically.
+A training state is the nested state dicts of the run's pieces (model, optimizer, schedule,
+random states...): its tensors go into the safetensors file, the rest into its JSON metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nin.data import DeviceLoader
-from nin.distributed import World, all_gather
+from nin.distributed import World, broadcast_text
 from nin.errors import NinError
-from nin.files import atomic_path, write_json
+from nin.files import atomic_path, no_empty_dirs_left, write_json
 from nin.models import create_model
-
-if TYPE_CHECKING:
-    from nin.fast import Lookahead
-    from nin.train import TrainingWatch
 
 WEIGHTS = "model.safetensors"
 LAST = "last.safetensors"
 BEST = "best.safetensors"
 CONFIG = "config.json"
-STATE_FORMAT = "nin-train-state"  # a training-state file: model tensors carry a "model." prefix
+METRICS = "metrics.jsonl"
+STATE_FORMAT = "nin-train-state-2"  # a training-state file: model tensors carry a "model." prefix
 # What `nin eval` needs from a config to rebuild the model and its input pipeline.
 REQUIRED = ("model", "num_classes", "in_channels", "preset", "dataset", "resize", "normalize")
 FIX = "give a run directory written by `nin train`, or one of its .safetensors files"
@@ -115,7 +113,7 @@ def load_weights(
     """Load a weights or training-state file into `model`; returns all its tensors and metadata."""
     everything, metadata = read_tensors(path)
     tensors = everything
-    if metadata.get("format") == STATE_FORMAT:
+    if metadata.get("format", "").startswith("nin-train-state"):  # every version
         tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     saved_for = metadata.get("model")
     if saved_for and saved_for != name:
@@ -144,122 +142,134 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     return model, config
 
 
-def save_state(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    """Write a training-state file: the model's weights, other tensors, and JSON state."""
-    everything = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **tensors}
+def save_state(path: Path, name: str, state: dict[str, Any]) -> None:
+    """Write a training state (nested state dicts, `state["model"]` the weights of model
+    `name`): tensors into the safetensors file by their path, everything else as JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split(state, "", tensors)
     metadata = {
         "format": STATE_FORMAT,
-        "model": state["model"],
-        "state": json.dumps(state, allow_nan=False),
+        "model": name,
+        "state": json.dumps(skeleton, allow_nan=False),
     }
-    save_tensors(path, everything, metadata)
+    save_tensors(path, tensors, metadata)
 
 
-def load_state(path: Path, model: nn.Module, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a training-state file into `model`; returns its other tensors and its JSON state."""
-    tensors, metadata = load_weights(model, path, name)
+def load_state(path: Path, name: str) -> dict[str, Any]:
+    """The nested state dicts `save_state` wrote for model `name`."""
+    tensors, metadata = read_tensors(path)
     if metadata.get("format") != STATE_FORMAT:
-        raise NinError(f"{path}: holds weights only, no training state to resume from")
+        why = "weights only" if "format" not in metadata else "an older nin's training state"
+        raise NinError(
+            f"{path}: holds {why}, no training state this nin can resume from; its weights "
+            "still load (`nin eval`), or start a new run with another --out"
+        )
+    if metadata.get("model") != name:
+        raise NinError(f"{path}: state of model {metadata.get('model')!r}, not {name!r}")
     try:
-        state = json.loads(metadata["state"])
-    except (KeyError, ValueError):
+        return _join(json.loads(metadata["state"]), tensors)
+    except (KeyError, ValueError, TypeError):
         raise NinError(f"{path}: its training state is missing or not JSON") from None
-    return {k: v for k, v in tensors.items() if not k.startswith("model.")}, state
 
 
-def rng_tensors(loader: DeviceLoader, device: torch.device, world: World) -> dict:
-    """Every process's random states (torch, CUDA, augmentation), keyed by name and rank."""
-    mine = {"torch": torch.get_rng_state(), "augment": loader.augment_generator.get_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    return {k: v for name, t in mine.items() for k, v in per_rank(f"rng.{name}", t, world).items()}
+def _split(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` as JSON, its tensors moved into `tensors` under their path ("optimizer.state.0")."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value
+        return {"$tensor": path}
+    if isinstance(value, dict):
+        items = [
+            [k, _split(v, f"{path}.{k}" if path else str(k), tensors)] for k, v in value.items()
+        ]
+        if all(isinstance(k, str) for k in value):
+            return dict(items)
+        return {"$items": items}  # keys that JSON would turn into strings (the optimizer's ints)
+    if isinstance(value, (list, tuple)):
+        return [_split(v, f"{path}.{i}", tensors) for i, v in enumerate(value)]
+    return value
 
 
-def per_rank(name: str, t: torch.Tensor, world: World) -> dict[str, torch.Tensor]:
-    """Every process's `t`, keyed <name>.<rank>: what each must get back on a resume."""
-    return {f"{name}.{rank}": value for rank, value in enumerate(all_gather(t, world))}
+def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Undo `_split`."""
+    if isinstance(value, dict):
+        if "$tensor" in value:
+            return tensors[value["$tensor"]]
+        if "$items" in value:
+            return {k: _join(v, tensors) for k, v in value["$items"]}
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter tensors (momentum buffers), keyed optimizer.<i>.<name>."""
-    return {
-        f"optimizer.{i}.{name}": value
-        for i, slots in optimizer.state_dict()["state"].items()
-        for name, value in slots.items()
-        if isinstance(value, torch.Tensor)
-    }
+def prepare_run_dir(out: str | None, preset: str, world: World, resume: bool) -> Path:
+    """The run directory, checked writable (or, to resume, checkpointed) before any expensive
+    work. Rank 0 checks; every process gets its verdict, so all of them stop together."""
+    if resume:
+        run_dir = Path(out or "")
+        if not (run_dir / LAST).is_file():
+            raise NinError(
+                f"{run_dir / LAST}: not found; --resume takes a run directory that `nin train` "
+                "has checkpointed (it writes last.safetensors at every epoch end)"
+            )
+        return run_dir
+    run_dir = Path(broadcast_text(str(out or new_run_dir(preset)), world))
+    problem = broadcast_text(check_run_dir(run_dir) if world.main else "", world)
+    if problem:
+        raise NinError(problem)
+    return run_dir
 
 
-def optimizer_scalars(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The rest of the optimizer's state, as JSON: param groups and non-tensor slots."""
-    state = optimizer.state_dict()
-    return {
-        "param_groups": state["param_groups"],
-        "slots": {
-            str(i): {k: v for k, v in slots.items() if not isinstance(v, torch.Tensor)}
-            for i, slots in state["state"].items()
-        },
-    }
-
-
-def restore_training(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-    loader: DeviceLoader,
-    watch: TrainingWatch,
-    world: World,
-    name: str,
-    epochs: int,
-    lookahead: Lookahead | None = None,
-) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Load a training-state file into every piece of the run; returns the progress, this
-    process's partial-epoch sums, and the order generator's state at the epoch's start."""
-    tensors, state = load_state(path, model, name)
-    if state.get("world_size", 1) != world.size:
-        raise NinError(
-            f"{path}: saved by {state.get('world_size', 1)} processes; resume it with the same "
-            f"number (now {world.size}), so each process gets its own random state back"
+def check_run_dir(run_dir: Path) -> str:
+    """Why a new run cannot use `run_dir` ("" if it can); leaves nothing behind."""
+    if (run_dir / LAST).exists():
+        return (
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
+            "another --out"
         )
-    saved_on, device = state.get("device_type"), loader.device.type
-    if saved_on != device:
-        raise NinError(
-            f"{path}: saved on {saved_on}; resume it on {saved_on} too (--device), since random "
-            f"states do not carry over to {device}"
+    if (run_dir / CONFIG).exists():
+        return (
+            f"{run_dir} already holds a run that saved no checkpoint; delete it, or choose "
+            "another --out"
         )
-    if state.get("epoch", 0) > epochs and (path.parent / WEIGHTS).exists():
-        raise NinError(f"{path.parent}: this run has already finished all {epochs} epochs")
-    rank = world.rank
+    probe = run_dir / ".write-test"
+    # Leave nothing behind, not even an empty directory: the run makes it again when it writes.
+    with no_empty_dirs_left(run_dir):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:  # a byte on disk: the directory takes files, has room
+                f.write(b"\0")
+                os.fsync(f.fileno())
+        except OSError as e:
+            return f"cannot write to {run_dir} ({e.strerror}); choose another --out"
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    return ""
+
+
+def new_run_dir(preset: str) -> Path:
+    """A fresh runs/<time>-<preset> directory name, never one an earlier run holds."""
+    base = f"runs/{datetime.now():%Y%m%d-%H%M%S}-{preset}"
+    candidates = (Path(base if i == 1 else f"{base}-{i}") for i in range(1, 1000))
+    return next(p for p in candidates if not p.exists())
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (empty if it has none)."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
     try:
-        slots: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, i, slot = key.split(".", 2)
-                slots.setdefault(int(i), {})[slot] = value
-        for i, rest in state["optimizer"]["slots"].items():
-            slots.setdefault(int(i), {}).update(rest)
-        groups = state["optimizer"]["param_groups"]
-        optimizer.load_state_dict({"state": slots, "param_groups": groups})
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(tensors[f"rng.torch.{rank}"])
-        if device == "cuda":
-            torch.cuda.set_rng_state(tensors[f"rng.cuda.{rank}"], loader.device)
-        loader.augment_generator.set_state(tensors[f"rng.augment.{rank}"])
-        watch.flat, watch.stuck = state["watch"]["flat"], state["watch"]["stuck"]
-        if lookahead is not None:
-            lookahead.load_state_dict(tensors)
-        sums = (tensors[f"progress.loss_sum.{rank}"], tensors[f"progress.correct.{rank}"])
-        keys = ("epoch", "step", "history", "epoch_seconds", "best_acc")
-        progress = {k: state[k] for k in keys}
-        order = tensors["rng.order"]
-    except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
-        raise NinError(
-            f"{path}: training state incomplete or does not fit this run ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); start a new run with another --out"
-        ) from None
-    return progress, sums, order
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise NinError(f"{path}: not JSON lines ({e}); was the file edited?") from None
+    if not all(isinstance(row, dict) and "epoch" in row for row in rows):
+        raise NinError(f"{path}: a line is not an epoch's metrics; was the file edited?")
+    return rows
+
+
+def write_history(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace metrics.jsonl with `rows`, atomically."""
+    with atomic_path(run_dir / METRICS) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from typing import Any, NoReturn
@@ -52,8 +51,8 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 def cmd_resources(args: argparse.Namespace) -> None:
     """Print parameters, FLOPs and memory (analytic and measured) at each batch size."""
+    from nin.device import pick_device
     from nin.resources import format_resources, measure_resources
-    from nin.train import pick_device
 
     model, size, rows = model_for_input(args)
     if any(b < 1 for b in args.batch_size):
@@ -76,57 +75,55 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 def config_options(values: dict) -> dict:
     """The set entries of `values` that name TrainConfig fields (the preset aside)."""
-    from nin.train import TrainConfig
+    from nin.config import FIELDS
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset"}
-    return {k: v for k, v in values.items() if k in fields and v is not None}
+    return {k: v for k, v in values.items() if k in FIELDS and k != "preset" and v is not None}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a model, or resume a run (see `nin train --help`)."""
-    from nin.train import make_config, resume_config, train
+    from nin.config import make_config, read_config_file
+    from nin.train import resume_config, train
 
+    given = config_options(vars(args))
     if args.resume:
-        given = config_options(vars(args))
         if args.preset is not None:
             given["preset"] = args.preset
         if args.scale_lr:
             given["scale_lr"] = True
+        if args.config:
+            given["config"] = args.config
         train(resume_config(args.resume, **given), resume=True)
         return
-    preset = args.preset or "compact"
-    train(make_config(preset, scale_lr=args.scale_lr, **config_options(vars(args))))
+    values = read_config_file(args.config) if args.config else {}
+    preset = args.preset or values.pop("preset", None) or "compact"
+    values.pop("preset", None)
+    train(make_config(preset, scale_lr=args.scale_lr, **{**values, **given}))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Reload a checkpoint and print its test accuracy, overall and per class."""
     from nin.checkpoint import load_checkpoint
-    from nin.data import dataset_spec
-    from nin.train import (
-        accuracy,
-        check_input_size,
-        evaluate,
-        make_config,
-        make_loader,
-        per_class_accuracy,
-        pick_device,
-        place_model,
-    )
+    from nin.config import saved_config
+    from nin.data import dataset_spec, make_loader
+    from nin.device import pick_device, place_model
+    from nin.evaluate import evaluate
+    from nin.models import check_input
 
     model, saved = load_checkpoint(args.checkpoint)
-    device, _ = pick_device(args.device)
-    # The run's own settings, with this command's data directory, subset and batch size on top.
-    config = make_config(saved["preset"], **{**config_options(saved), **config_options(vars(args))})
+    # The run's own settings, on this machine's device, with this command's data directory,
+    # subset and batch size on top.
+    config = saved_config({**saved, "device": None}, **config_options(vars(args)))
+    device, _ = pick_device(config.device)
     test_loader = make_loader(config, "test", device)
-    num_classes = saved["num_classes"]
     place_model(model, device, config.channels_last)
-    check_input_size(model, test_loader, config.model)
-    confusion = evaluate(model, test_loader, num_classes, config.amp, config.tta)
+    check_input(model, test_loader.prepare(test_loader.images[:1]), config.model)
+    result = evaluate(model, test_loader, saved["num_classes"], config.amp, config.tta)
     classes = dataset_spec(config.dataset).classes
     print(f"{config.model} on {config.dataset} test split ({test_loader.num_examples} images)")
-    for name, acc in zip(classes, per_class_accuracy(confusion), strict=True):
+    for name, acc in zip(classes, result.per_class, strict=True):
         print(f"  {name:<12} {acc:.3f}")
-    print(f"test acc {accuracy(confusion):.4f}")
+    print(f"test acc {result.accuracy:.4f}")
 
 
 def cmd_exercises(args: argparse.Namespace) -> None:
@@ -229,6 +226,25 @@ def json_object(text: str) -> dict:
     return value
 
 
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (the preset aside), with the field's help text."""
+    from nin.config import FIELDS, TYPES, flag
+
+    for name, f in FIELDS.items():
+        if name == "preset":
+            continue
+        kind, _ = TYPES[name]
+        options = {k: v for k, v in f.metadata.items() if k != "help"}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = json_object if kind is dict else kind
+            options.setdefault("metavar", {int: "N", float: "X"}.get(kind, name.upper()))
+        parser.add_argument(
+            f"--{flag(name)}", help=f.metadata["help"].replace("%", "%%"), **options
+        )
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad command line gets one line (no usage block), like every nin error."""
 
@@ -240,7 +256,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from nin.data import DATASETS
-    from nin.train import PRESET_NOTES
+    from nin.presets import PRESETS
 
     parser = Parser(
         prog="nin", description="Network in Network: build, inspect, train and evaluate NiN."
@@ -284,97 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a model; prints the chapter's summary line",
-        description="Train NiN. Every option left unset takes the preset's value.",
+        description="Train NiN. Every option left unset takes the preset's value (or the "
+        "--config file's).",
+    )
+    notes = "; ".join(f"{name}: {preset.note}" for name, preset in PRESETS.items())
+    p.add_argument(
+        "--preset", help=f"the recipe to start from (default compact). {notes}".replace("%", "%%")
     )
     p.add_argument(
-        "--preset",
-        help="; ".join(f"{name}: {note}" for name, note in PRESET_NOTES.items()).replace("%", "%%"),
+        "--config",
+        metavar="FILE",
+        help="start from the settings in a JSON or TOML file (a run's config.json will do); "
+        "flags given beside it win",
     )
-    p.add_argument("--model", help="a registered model (see `nin models`)")
-    p.add_argument("--dataset", choices=sorted(DATASETS), help="default fashion-mnist")
-    p.add_argument("--epochs", type=int, help="passes over the training set")
-    p.add_argument("--lr", type=float, help="learning rate (the peak, with one-cycle)")
-    p.add_argument("--batch-size", type=int, help="examples per step")
-    p.add_argument("--resize", type=int, help="resize images to this square size on the device")
-    p.add_argument("--momentum", type=float, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, help="L2 penalty")
-    p.add_argument("--label-smoothing", type=float, help="cross-entropy label smoothing")
-    p.add_argument(
-        "--schedule",
-        choices=["constant", "onecycle", "linear"],
-        help="learning-rate schedule: onecycle (cosine), linear (airbench's triangle)",
-    )
-    p.add_argument(
-        "--init",
-        choices=["default", "xavier", "whiten"],
-        help="weights: PyTorch's, Xavier (the chapter's), or a whitened first layer (airbench)",
-    )
-    p.add_argument(
-        "--bias-lr-scale", type=float, help="lr multiplier of batch-norm shifts (default 1)"
-    )
-    p.add_argument(
-        "--lookahead",
-        type=int,
-        metavar="STEPS",
-        help="pull the weights towards their running average every STEPS steps (0: off)",
-    )
-    p.add_argument(
-        "--tta",
-        type=int,
-        choices=[0, 1, 2],
-        help="test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + shifts",
-    )
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bfloat16 autocast")
-    p.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, help="channels-last memory"
-    )
-    p.add_argument("--fused", action=argparse.BooleanOptionalAction, help="fused SGD update")
-    p.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model"
-    )
+    add_config_flags(p)
     p.add_argument(
         "--scale-lr",
         action="store_true",
         help="with --batch-size: scale the preset's lr by new batch / preset batch (linear rule)",
-    )
-    p.add_argument(
-        "--model-kwargs",
-        type=json_object,
-        metavar="JSON",
-        help='keyword arguments of the model, e.g. \'{"batch_norm": false, "dropout": 0}\'',
-    )
-    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--seed", type=int, help="seeds the weights, the data order, augmentation")
-    p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
-    p.add_argument("--out", help="run directory (default: runs/<time>-<preset>)")
-    p.add_argument("--train-subset", type=int, help="train on the first N examples only")
-    p.add_argument("--test-subset", type=int, help="test on the first N examples only")
-    p.add_argument(
-        "--holdout",
-        type=int,
-        help="validate on the last N training examples instead of reading the test split",
-    )
-    p.add_argument(
-        "--collapse-steps",
-        type=int,
-        help="stop once every image has got the same logits this many steps (default 100; "
-        "0: never)",
-    )
-    p.add_argument(
-        "--stuck-steps",
-        type=int,
-        help="stop once the loss has sat at ln(classes) with chance accuracy this many steps "
-        "(default 2000; 0: never)",
-    )
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        help="also checkpoint every N steps (default 0: at every epoch end only)",
-    )
-    p.add_argument(
-        "--deterministic",
-        action=argparse.BooleanOptionalAction,
-        help="deterministic algorithms only (exact resume, slower on GPUs)",
     )
     p.add_argument(
         "--resume",

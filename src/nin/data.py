@@ -22,9 +22,10 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +34,10 @@ from tqdm import tqdm
 
 from nin.errors import NinError
 from nin.files import atomic_path, no_empty_dirs_left
+
+if TYPE_CHECKING:
+    from nin.config import TrainConfig
+    from nin.distributed import World
 
 IDX_DTYPES = {0x08: torch.uint8}
 CIFAR_SIDE = 32
@@ -53,6 +58,7 @@ class DatasetSpec:
     classes: tuple[str, ...]
     mean: float | tuple[float, ...]  # of train pixels in [0, 1]; one per channel for colour
     std: float | tuple[float, ...]
+    side: int = 28  # images are side×side pixels
     folder: str = ""  # under the data root; "" means `name`
     unpacks_to: str = ""  # the archive's one top folder; "" for loose IDX files
     split_files: dict[str, tuple[str, ...]] = field(default_factory=dict)  # in the archive
@@ -78,6 +84,7 @@ CIFAR10 = DatasetSpec(
     # Measured on the 50,000 training images (tests/test_cifar.py checks them).
     mean=(0.4914, 0.4822, 0.4465),
     std=(0.2470, 0.2435, 0.2616),
+    side=CIFAR_SIDE,
     folder="cifar-10",
     unpacks_to="cifar-10-batches-bin",
     split_files={
@@ -421,12 +428,50 @@ def load_split(
     return images.unsqueeze(1), labels.long()
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """uint8 images -> the float tensor a model takes: scaled to [0, 1], resized to `side`,
+    normalised, channels-last. One object for training, evaluation, predict, serve and export."""
+
+    side: int | None = None  # square side to resize to; None keeps the images' size
+    mean: float | tuple[float, ...] | None = None  # one value, or one per channel
+    std: float | tuple[float, ...] | None = None
+    channels_last: bool = False
+
+    @classmethod
+    def for_run(cls, config: Mapping[str, Any]) -> Preprocess:
+        """The preprocessing of a run, from its config (a config.json, or `vars(TrainConfig)`)."""
+        spec = dataset_spec(config["dataset"])
+        normalize = bool(config.get("normalize"))
+        return cls(
+            config.get("resize") or spec.side,
+            spec.mean if normalize else None,
+            spec.std if normalize else None,
+            bool(config.get("channels_last")),
+        )
+
+    def __call__(
+        self, batch: torch.Tensor, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float (B, C, side, side); `augment` runs on [0, 1] pixels."""
+        x = batch.float().div_(255)
+        if augment is not None:
+            x = augment(x)
+        if self.side and (x.shape[-2], x.shape[-1]) != (self.side, self.side):
+            x = F.interpolate(x, size=(self.side, self.side), mode="bilinear")
+        if self.mean is not None and self.std is not None:
+            x = x.sub_(channel_values(self.mean, x.device)).div_(channel_values(self.std, x.device))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
 class DeviceLoader:
     """Batches from a split held on the device as uint8, prepared there in batch.
 
-    Each batch is gathered by index, scaled to [0, 1], optionally resized with
-    `F.interpolate`, normalised, and (for training) flipped and translated at random.
-    The shuffling and augmentation draw from generators seeded with `seed`.
+    Each batch is gathered by index, (for training) flipped and translated at random, and
+    preprocessed (`Preprocess`). The shuffling and augmentation draw from generators seeded
+    with `seed`.
     """
 
     def __init__(
@@ -436,13 +481,10 @@ class DeviceLoader:
         batch_size: int,
         device: torch.device | str = "cpu",
         shuffle: bool = False,
-        resize: int | None = None,
-        mean: float | tuple[float, ...] | None = None,  # one value, or one per channel
-        std: float | tuple[float, ...] | None = None,
+        preprocess: Preprocess | None = None,
         flip: bool = False,
         crop_padding: int = 0,
         seed: int = 0,
-        channels_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -453,11 +495,9 @@ class DeviceLoader:
         self.labels = labels.to(self.device)
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.resize = resize
-        self.mean, self.std = mean, std
+        self.preprocess = preprocess or Preprocess()
         self.flip = flip
         self.crop_padding = crop_padding
-        self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
         # Every rank draws the same order and takes its own shard of it; augmentation differs.
         self.order_generator = torch.Generator().manual_seed(seed)
@@ -493,19 +533,73 @@ class DeviceLoader:
             yield self.prepare(self.images[index]), self.labels[index]
 
     def prepare(self, batch: torch.Tensor, augment: bool = True) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float, resized, normalised, augmented (unless not `augment`)."""
-        x = batch.float().div_(255)
-        if self.crop_padding and augment:
+        """uint8 (B, C, H, W) -> the model's input, augmented as configured (unless not
+        `augment`)."""
+        return self.preprocess(batch, self.augment if augment else None)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random translations and flips of [0, 1] pixels, as configured."""
+        if self.crop_padding:
             x = random_translate(x, self.crop_padding, self.augment_generator)
-        if self.flip and augment:
+        if self.flip:
             x = random_flip(x, self.augment_generator)
-        if self.resize and self.resize != x.shape[-1]:
-            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear")
-        if self.mean is not None and self.std is not None:
-            x = x.sub_(channel_values(self.mean, x.device)).div_(channel_values(self.std, x.device))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The augmentation generator's state (the order is redrawn per epoch by the run)."""
+        return {"augment": self.augment_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Put back a state from `state_dict`."""
+        self.augment_generator.set_state(state["augment"])
+
+
+def make_loader(
+    config: TrainConfig, split: str, device: torch.device, world: World | None = None
+) -> DeviceLoader:
+    """The loader of one split on `device`: shuffled and augmented for train, plain otherwise.
+
+    `split` is "train", "test", or "val": the last `config.holdout` training examples, which
+    the "train" split then leaves out. Under torchrun each process gets its shard of every
+    batch: `config.batch_size` is the global batch.
+    """
+    rank, size = (world.rank, world.size) if world else (0, 1)
+    if config.batch_size % size:
+        raise NinError(
+            f"--batch-size {config.batch_size} must divide evenly among the {size} "
+            "processes (it is the global batch)"
+        )
+    images, labels = load_split(
+        config.dataset, "test" if split == "test" else "train", config.data_dir
+    )
+    if split != "test" and not 0 <= config.holdout < len(labels):
+        raise NinError(f"--holdout must be in [0, {len(labels)}), got {config.holdout}")
+    training = split == "train"
+    if split == "val":
+        images, labels = images[-config.holdout :], labels[-config.holdout :]
+    elif training:
+        keep = len(labels) - config.holdout
+        images, labels = images[:keep][: config.train_subset], labels[:keep][: config.train_subset]
+        if config.batch_size > len(labels):
+            raise NinError(
+                f"--batch-size {config.batch_size} is larger than the {len(labels)} training "
+                "examples; use a smaller --batch-size"
+            )
+    else:
+        images, labels = images[: config.test_subset], labels[: config.test_subset]
+    return DeviceLoader(
+        images,
+        labels,
+        config.batch_size // size,
+        device=device,
+        shuffle=training,
+        preprocess=Preprocess.for_run(vars(config)),
+        flip=config.flip and training,
+        crop_padding=config.crop_padding if training else 0,
+        seed=config.seed,
+        rank=rank,
+        world_size=size,
+    )
 
 
 @functools.cache

@@ -28,10 +28,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nin.data import dataset_spec, load_split
+from nin.config import TrainConfig
+from nin.data import dataset_spec, load_split, make_loader
+from nin.device import cpu_name, pick_device
 from nin.errors import NinError
+from nin.evaluate import evaluate
 from nin.files import atomic_path, save_figure, write_json
 from nin.models import count_parameters, create_model, model_info
+from nin.presets import PRESETS
 from nin.resources import (
     Memory,
     Resources,
@@ -41,16 +45,7 @@ from nin.resources import (
     measure_resources,
     summarize,
 )
-from nin.train import (
-    PRESETS,
-    TrainConfig,
-    accuracy,
-    cpu_name,
-    evaluate,
-    make_loader,
-    pick_device,
-    train,
-)
+from nin.train import train
 
 
 @dataclass(frozen=True)
@@ -181,7 +176,7 @@ def recipe_config(ctx: Context, recipe: str, exercise: str, **overrides: Any) ->
     if recipe == "chapter":
         values: dict[str, Any] = dict(init="xavier", model_kwargs=dict(ctx.scale.chapter_kwargs))
     else:
-        values = {k: v for k, v in PRESETS["compact"].items() if k != "model"}
+        values = {k: v for k, v in PRESETS["compact"].settings.items() if k != "model"}
     values.update(
         model=ctx.scale.model,
         resize=ctx.scale.resize,
@@ -228,7 +223,7 @@ def split_accuracy(model: nn.Module, config: TrainConfig, split: str) -> float:
     device = next(model.parameters()).device
     loader = make_loader(config, split, device)
     num_classes = len(dataset_spec(config.dataset).classes)
-    return accuracy(evaluate(model, loader, num_classes, config.amp))
+    return evaluate(model, loader, num_classes, config.amp).accuracy
 
 
 # --- Plots ----------------------------------------------------------------------------------

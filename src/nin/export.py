@@ -21,10 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nin.data import dataset_spec
+from nin.data import Preprocess, dataset_spec
 from nin.errors import NinError
 from nin.files import atomic_path
-from nin.models import model_info
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 CHECK_BATCHES = (1, 3)  # 1 and a size the export never saw: the batch dimension must be free
@@ -44,9 +43,8 @@ class ExportResult:
 
 def input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
     """(C, H, W) of the float tensor the checkpoint's model takes."""
-    side = config.get("resize")
-    size = (side, side) if side else model_info(config["model"]).input_size[1:]
-    return (config["in_channels"], *size)
+    side = Preprocess.for_run(config).side
+    return (config["in_channels"], side, side)
 
 
 @contextlib.contextmanager
@@ -170,17 +168,16 @@ def export_program(
 
 def onnx_metadata(config: dict[str, Any], shape: tuple[int, ...]) -> dict[str, str]:
     """What a user of the exported file needs to prepare its input and read its output."""
-    spec = dataset_spec(config["dataset"])
-    normalize = bool(config["normalize"])
+    preprocess = Preprocess.for_run(config)
     return {
         "nin.model": config["model"],
         "nin.dataset": config["dataset"],
         "nin.input": "float32 (batch, {}, {}, {}): pixels / 255, then (x - mean) / std".format(
             *shape
         ),
-        "nin.mean": json.dumps(spec.mean if normalize else 0.0),
-        "nin.std": json.dumps(spec.std if normalize else 1.0),
-        "nin.classes": json.dumps(list(spec.classes)),
+        "nin.mean": json.dumps(preprocess.mean if preprocess.mean is not None else 0.0),
+        "nin.std": json.dumps(preprocess.std if preprocess.std is not None else 1.0),
+        "nin.classes": json.dumps(list(dataset_spec(config["dataset"]).classes)),
     }
 
 

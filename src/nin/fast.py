@@ -107,13 +107,13 @@ class Lookahead:
             live.copy_(self.average[name])
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The average, as tensors for a checkpoint."""
-        return {f"lookahead.{k}": v for k, v in self.average.items()}
+        """The average, by state-dict name."""
+        return dict(self.average)
 
-    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Put back an average saved by `state_dict` (missing names are an error)."""
         for name, value in self.average.items():
-            value.copy_(tensors[f"lookahead.{name}"])
+            value.copy_(state[name])
 
 
 TTA_LEVELS = {0: "none", 1: "left-right flip", 2: "flip and 1-pixel shifts"}

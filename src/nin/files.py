@@ -1,8 +1,11 @@
-"""Writing files safely: every file nin writes appears whole or not at all."""
+"""Writing files safely (every file nin writes appears whole or not at all), and the PNG
+encoding of figures and images that files and HTML pages share."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import tempfile
@@ -61,8 +64,34 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def save_figure(fig: Any, path: str | os.PathLike) -> None:
-    """Lay out a matplotlib Figure and write it as a PNG, atomically."""
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib Figure, laid out, as PNG bytes."""
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """Write a matplotlib Figure as a PNG file, atomically."""
+    png = figure_png(fig)
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_bytes(png)
+
+
+def image_png(pixels: Any, scale: int = 1) -> bytes:
+    """A uint8 (C, H, W) tensor as a PNG, enlarged `scale` times with sharp pixels."""
+    from PIL import Image
+
+    array = pixels.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    if scale != 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    """PNG bytes as a data: URI, to inline in an <img>."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from nin.errors import NinError
@@ -408,6 +409,18 @@ def xavier_init_(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Conv2d | nn.Linear):
             nn.init.xavier_uniform_(module.weight)
     return model
+
+
+def check_input(model: nn.Module, x: Tensor, name: str) -> None:
+    """Fail fast, in one line, if `model` (named `name`) cannot take the batch `x`."""
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    except RuntimeError as e:
+        raise NinError(
+            f"model {name!r} cannot take input {tuple(x.shape[1:])} ({str(e).splitlines()[0]}); "
+            "use --resize 224 for nin_d2l, or pick a model for this size"
+        ) from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -2,7 +2,7 @@
 
 An image is read with Pillow, turned into the model's channels, padded to a square (centred,
 black background) and resized to the model's input; the checkpoint's own pipeline then scales
-and normalises it (`DeviceLoader.prepare`, the code `nin train` and `nin eval` run).
+and normalises it (`Preprocess`, the code `nin train` and `nin eval` run).
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from nin.data import DeviceLoader, dataset_spec
+from nin.data import Preprocess, dataset_spec
 from nin.errors import NinError
-from nin.models import model_info
 
 MAX_BYTES = 20 * 2**20  # 20 MiB: far above any photo a phone takes, far below a memory problem
 MAX_PIXELS = 50_000_000  # ~7000×7000; also stops decompression bombs before they decode
@@ -122,20 +121,9 @@ class Predictor:
         self.in_channels = config["in_channels"]
         if self.in_channels not in (1, 3):
             raise NinError(f"checkpoint expects {self.in_channels} channels; nin reads 1 or 3")
-        side = config.get("resize")
-        self.size = (side, side) if side else model_info(config["model"]).input_size[1:]
-        # The checkpoint's own scaling and normalisation, as `nin eval` applies it.
-        spec = dataset_spec(config["dataset"])
-        empty = torch.zeros((0, self.in_channels, *self.size), dtype=torch.uint8)
-        self.pipeline = DeviceLoader(
-            empty,
-            torch.zeros(0, dtype=torch.long),
-            batch_size=1,
-            device=self.device,
-            resize=side,
-            mean=spec.mean if config["normalize"] else None,
-            std=spec.std if config["normalize"] else None,
-        )
+        # The checkpoint's own resizing and normalisation, as `nin eval` applies them.
+        self.preprocess = Preprocess.for_run({**config, "channels_last": False})
+        self.size = (self.preprocess.side, self.preprocess.side)
 
     def to_uint8(self, image: Image.Image, invert: bool | None = None) -> tuple[torch.Tensor, bool]:
         """(C, H, W) uint8 the model expects, and whether it was inverted.
@@ -162,7 +150,7 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (B, classes) for a uint8 batch (B, C, H, W)."""
-        x = self.pipeline.prepare(batch.to(self.device))
+        x = self.preprocess(batch.to(self.device))
         try:
             logits = self.model(x)
         except RuntimeError as e:

@@ -7,37 +7,20 @@ offline, and can be mailed or attached as it is.
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import html
-import io
-import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
-from nin.checkpoint import load_checkpoint
-from nin.data import dataset_spec
-from nin.errors import NinError
-from nin.files import atomic_path
-from nin.train import (
-    TrainConfig,
-    accuracy,
-    autocast,
-    environment,
-    make_config,
-    make_loader,
-    per_class_accuracy,
-    pick_device,
-    place_model,
-    plot_curves,
-)
+from nin.checkpoint import load_checkpoint, read_history
+from nin.config import saved_config
+from nin.data import dataset_spec, make_loader
+from nin.device import environment, pick_device, place_model
+from nin.evaluate import evaluate
+from nin.files import atomic_path, data_uri, figure_png, image_png
+from nin.models import check_input
+from nin.plots import confusion_figure, curves_figure
 
 MAX_MISTAKES = 48  # images in the grid: the most confident mistakes first
 
@@ -56,114 +39,32 @@ gap: 0 3em; } .row img { max-width: 100%; }
 """
 
 
-def png_data_uri(png: bytes) -> str:
-    """A PNG as a data: URI, to inline in an <img>."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def figure_png(fig: Any) -> bytes:
-    """A matplotlib Figure as PNG bytes."""
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-def curves_png(history: list[dict[str, Any]], title: str) -> bytes:
-    """The training curves, drawn by the same `plot_curves` that writes curves.png."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "curves.png"
-        plot_curves(history, path, title=title)
-        return path.read_bytes()
-
-
-def confusion_png(confusion: torch.Tensor, classes: tuple[str, ...]) -> bytes:
-    """The confusion matrix as a heat map with counts (rows: true class, columns: predicted)."""
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
-
-    counts = confusion.numpy()
-    n = len(classes)
-    fig = Figure(figsize=(1.5 + 0.55 * n, 1.2 + 0.5 * n), dpi=110)
-    ax = fig.subplots()
-    # Row-normalised colours, so rare and common classes read alike; the numbers are counts.
-    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for i in range(n):
-        for j in range(n):
-            if counts[i, j]:
-                color = "white" if rates[i, j] > 0.5 else "black"
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    return figure_png(fig)
-
-
-def image_png(pixels: torch.Tensor, scale: int = 4) -> bytes:
-    """A uint8 (C, H, W) image as a PNG, enlarged `scale` times with sharp pixels."""
-    array = pixels.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl (empty if the run has none)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except ValueError as e:
-        raise NinError(f"{path}: not JSON lines ({e}); was the file edited?") from None
-    if not all(isinstance(row, dict) and "epoch" in row for row in rows):
-        raise NinError(f"{path}: a line is not an epoch's metrics; was the file edited?")
-    return rows
-
-
-@torch.inference_mode()
 def predict_test_split(
     run_dir: Path,
     data_dir: str | os.PathLike | None = None,
     test_subset: int | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the run's checkpoint on the test split: labels, predictions, confidences."""
+    """Evaluate the run's checkpoint on the test split as `nin eval` does, keeping every
+    prediction and its confidence."""
     model, saved = load_checkpoint(run_dir)
     # The run's settings, but this machine's device: a GPU run is reported on a laptop too.
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset", "device"}
-    options = {k: v for k, v in saved.items() if k in fields and v is not None}
-    here = {"data_dir": data_dir, "test_subset": test_subset, "device": device}
-    here = {k: v for k, v in here.items() if v is not None}  # else the run's own
-    config = make_config(saved["preset"], **{**options, **here})
+    here = dict(data_dir=data_dir, test_subset=test_subset, device=device)
+    config = saved_config({**saved, "device": None}, **here)
     chosen, _ = pick_device(config.device)
     loader = make_loader(config, "test", chosen)
-    place_model(model, chosen, config.channels_last).eval()
-    predicted, confidence = [], []
-    # Batch by batch in order (no shuffling), so index i is test image i.
-    for start in range(0, loader.num_examples, config.batch_size):
-        x = loader.prepare(loader.images[start : start + config.batch_size])
-        with autocast(chosen, config.amp):
-            probs = model(x).float().softmax(1)
-        value, index = probs.max(1)
-        predicted.append(index.cpu())
-        confidence.append(value.cpu())
-    labels = loader.labels.cpu()
-    predicted_all = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long)
-    num_classes = saved["num_classes"]
-    confusion = torch.bincount(labels * num_classes + predicted_all, minlength=num_classes**2).view(
-        num_classes, num_classes
-    )
+    place_model(model, chosen, config.channels_last)
+    check_input(model, loader.prepare(loader.images[:1]), config.model)
+    found = evaluate(model, loader, saved["num_classes"], config.amp, config.tta, predictions=True)
     return {
         "config": saved,
-        "labels": labels,
-        "predicted": predicted_all,
-        "confidence": torch.cat(confidence) if confidence else torch.zeros(0),
+        "labels": loader.labels.cpu(),
+        "predicted": found.predicted,
+        "confidence": found.confidence,
         "images": loader.images.cpu(),
-        "confusion": confusion,
+        "confusion": found.confusion,
+        "per_class": found.per_class,
+        "accuracy": found.accuracy,
         "device": chosen,
     }
 
@@ -190,7 +91,7 @@ def build_report(
     classes = dataset_spec(config["dataset"]).classes
     labels, predicted, confidence = found["labels"], found["predicted"], found["confidence"]
     n = len(labels)
-    acc = accuracy(confusion)
+    acc = found["accuracy"]
     title = f"{config['model']} on {config['dataset']}"
     parts = [
         f"<h1>{html.escape(title)}</h1>",
@@ -204,8 +105,8 @@ def build_report(
     history = read_history(run_dir)
     parts.append('<div class="row"><section id="curves"><h2>Training curves</h2>')
     if history:
-        png = curves_png(history, f"{config['model']}, preset {config['preset']}")
-        parts.append(f'<img alt="loss and accuracy per epoch" src="{png_data_uri(png)}">')
+        png = figure_png(curves_figure(history, f"{config['model']}, preset {config['preset']}"))
+        parts.append(f'<img alt="loss and accuracy per epoch" src="{data_uri(png)}">')
         last = history[-1]
         parts.append(
             table([(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items()])
@@ -215,12 +116,12 @@ def build_report(
     parts.append("</section>")
 
     parts.append('<section id="confusion"><h2>Confusion matrix</h2>')
-    png = confusion_png(confusion, classes)
-    parts.append(f'<img alt="confusion matrix" src="{png_data_uri(png)}"></section></div>')
+    png = figure_png(confusion_figure(confusion, classes))
+    parts.append(f'<img alt="confusion matrix" src="{data_uri(png)}"></section></div>')
 
     rows = []
     for name, class_acc, total in zip(
-        classes, per_class_accuracy(confusion), confusion.sum(1).tolist(), strict=True
+        classes, found["per_class"], confusion.sum(1).tolist(), strict=True
     ):
         bar = f'<div class="bar" style="width:{200 * class_acc:.0f}px"></div>'
         rows.append(
@@ -237,7 +138,7 @@ def build_report(
     figures = []
     for i in wrong.tolist():
         true, guess = classes[labels[i]], classes[predicted[i]]
-        src = png_data_uri(image_png(found["images"][i]))
+        src = data_uri(image_png(found["images"][i], scale=4))
         figures.append(
             f'<figure><img alt="test image {i}" src="{src}"><figcaption>#{i}<br>'
             f"true: {html.escape(true)}<br><span class='wrong'>predicted: "

@@ -7,14 +7,13 @@ with a readable message that the page shows; the model is never asked about them
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
 # run time, and those name classes imported inside create_app.
-import base64
 import html
-import io
 import socket
 from typing import Any
 
 from nin import predict
 from nin.errors import NinError
+from nin.files import data_uri, image_png
 from nin.predict import Predictor
 
 TOP_K = 5
@@ -82,20 +81,9 @@ def create_app(predictor: Predictor, name: str) -> Any:
             result = predictor.top(probs, TOP_K, label, inverted)
         except NinError as e:
             return JSONResponse({"detail": str(e)}, status_code=400)
-        return JSONResponse({**result.as_dict(), "input_png": input_png(pixels)})
+        return JSONResponse({**result.as_dict(), "input_png": data_uri(image_png(pixels))})
 
     return app
-
-
-def input_png(pixels: Any) -> str:
-    """The model's input (uint8 C×H×W) as a PNG data URI, so the page shows what the model saw."""
-    from PIL import Image
-
-    array = pixels.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def check_port(host: str, port: int) -> None:

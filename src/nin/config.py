@@ -1,0 +1,211 @@
+"""Settings: `TrainConfig`, the one source of what a run is.
+
+Every field carries its help text; `nin train`'s flags are generated from the fields, a preset
+(`nin.presets`) is a few fields changed, and a saved config (a run's config.json, or a JSON or
+TOML file of your own) rebuilds the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: JSON configs only
+    tomllib = None
+
+from nin.data import DATASETS, dataset_spec
+from nin.errors import NinError
+from nin.fast import TTA_LEVELS
+from nin.models import create_model, model_info
+from nin.presets import PRESETS
+
+SCHEDULES = ("constant", "onecycle", "linear")
+INITS = ("default", "xavier", "whiten")
+
+
+def setting(default: Any, help: str, **flag: Any) -> Any:
+    """A config field with its help text (and argparse extras such as `choices`)."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **flag})
+    return field(default=default, metadata={"help": help, **flag})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved beside the checkpoint as config.json."""
+
+    preset: str = setting("compact", "the recipe the other settings start from")
+    model: str = setting("nin_compact", "a registered model (see `nin models`)")
+    dataset: str = setting("fashion-mnist", "the data set", choices=sorted(DATASETS))
+    epochs: int = setting(10, "passes over the training set")
+    lr: float = setting(0.1, "learning rate (the peak, with a schedule)")
+    batch_size: int = setting(128, "examples per step (the global batch under torchrun)")
+    resize: int | None = setting(None, "resize images to this square side on the device")
+    momentum: float = setting(0.0, "SGD momentum")
+    nesterov: bool = setting(False, "Nesterov momentum")
+    weight_decay: float = setting(0.0, "L2 penalty")
+    schedule: str = setting(
+        "constant",
+        "learning rate per step: constant, onecycle (cosine) or linear (airbench's triangle)",
+        choices=SCHEDULES,
+    )
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
+    flip: bool = setting(False, "mirror a random half of each training batch")
+    crop_padding: int = setting(0, "translate training images by up to N pixels (random crop)")
+    init: str = setting(
+        "default",
+        "weights: PyTorch's, Xavier (the chapter's), or a whitened first layer (airbench)",
+        choices=INITS,
+    )
+    normalize: bool = setting(False, "subtract the data set's mean, divide by its std")
+    amp: bool = setting(False, "bfloat16 autocast where the device supports it")
+    channels_last: bool = setting(False, "channels-last memory format")
+    fused: bool = setting(False, "one fused kernel for the SGD update of every parameter")
+    bias_lr_scale: float = setting(1.0, "lr multiplier of batch-norm shifts (their wd ÷ it)")
+    lookahead: int = setting(
+        0, "pull the weights towards their running average every N steps (0: off)"
+    )
+    tta: int = setting(
+        0,
+        "test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + shifts",
+        choices=tuple(TTA_LEVELS),
+    )
+    compile: bool = setting(False, "torch.compile the model (pays off on GPUs)")
+    seed: int = setting(0, "seeds the weights, the data order and augmentation")
+    device: str | None = setting(None, "cuda, mps or cpu (default: the best available)")
+    data_dir: str | None = setting(None, "data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
+    out: str | None = setting(None, "run directory (default: runs/<time>-<preset>)")
+    train_subset: int | None = setting(None, "train on the first N examples only")
+    holdout: int = setting(
+        0, "validate on the last N training examples instead of reading the test split"
+    )
+    collapse_steps: int = setting(
+        100, "stop once every image has got the same logits this many steps (0: never)"
+    )
+    stuck_steps: int = setting(
+        2000, "stop once the loss has sat at ln(classes) with chance accuracy this many steps"
+    )
+    checkpoint_every: int = setting(0, "also checkpoint every N steps (0: at epoch ends only)")
+    deterministic: bool = setting(False, "deterministic algorithms only (exact resume)")
+    test_subset: int | None = setting(None, "evaluate on the first N test examples only")
+    model_kwargs: dict[str, Any] = setting(
+        {}, "keyword arguments of the model, e.g. '{\"batch_norm\": false}'", metavar="JSON"
+    )
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _base(hint: Any) -> tuple[type, bool]:
+    """The type of a field's annotation without its None, and whether None is allowed."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1:  # X | None
+        return args[0], True
+    return typing.get_origin(hint) or hint, False
+
+
+# Each field's type (int, float, str, bool or dict) and whether it may be None.
+TYPES = {name: _base(hint) for name, hint in typing.get_type_hints(TrainConfig).items()}
+# What only says where a run runs: a resumed or re-evaluated run may change these.
+WHERE = ("data_dir", "device")
+# What `nin train` adds to a config.json beside the settings (ignored when one is read back).
+RUN_RECORD = ("num_classes", "in_channels", "parameters", "environment", "world_size", "result")
+
+
+def make_config(preset: str = "compact", scale_lr: bool = False, **overrides: Any) -> TrainConfig:
+    """A preset's config with `overrides` (those not None) applied, checked for sense.
+
+    `scale_lr` applies the linear scaling rule (Goyal et al., 2017) to a changed batch size:
+    the preset's learning rate times new batch / preset batch, unless an lr is given too.
+    """
+    if preset not in PRESETS:
+        raise NinError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    base = PRESETS[preset].settings
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {**base, **given}
+    if scale_lr and "lr" not in given and "batch_size" in given:
+        lr, batch = base.get("lr", TrainConfig.lr), base.get("batch_size", TrainConfig.batch_size)
+        values["lr"] = lr * given["batch_size"] / batch
+    if "model_kwargs" in given:  # on top of the preset's, not instead of them
+        values["model_kwargs"] = {**base.get("model_kwargs", {}), **given["model_kwargs"]}
+    return check_config(TrainConfig(preset=preset, **values))
+
+
+def saved_config(saved: dict[str, Any], **here: Any) -> TrainConfig:
+    """The config a saved run (its config.json) was trained with, checked; `here` (those not
+    None) changes where it runs now, such as `data_dir`, `device` or `test_subset`."""
+    values = {k: v for k, v in saved.items() if k in FIELDS}
+    return check_config(
+        TrainConfig(**{**values, **{k: v for k, v in here.items() if v is not None}})
+    )
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings in a JSON or TOML file (a run's config.json will do), as field values."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        if path.suffix == ".toml" and tomllib is None:
+            raise NinError(f"{path}: TOML needs Python 3.11 or later; give a JSON file")
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except OSError as e:
+        raise NinError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # JSON, TOML and decoding errors
+        raise NinError(f"{path}: not valid {path.suffix[1:] or 'JSON'} ({e})") from None
+    if not isinstance(values, dict):
+        raise NinError(f'{path}: not a table of settings; write {{"epochs": 3, ...}}')
+    unknown = sorted(set(values) - set(FIELDS) - set(RUN_RECORD))
+    if unknown:
+        raise NinError(f"{path}: unknown settings {', '.join(unknown)}; see `nin train --help`")
+    return {k: v for k, v in values.items() if k in FIELDS}
+
+
+def check_config(config: TrainConfig) -> TrainConfig:
+    """`config`, once every field is of its type and in its range; else a one-line error."""
+    for name, (kind, optional) in TYPES.items():  # a value read from a file may be anything
+        value = getattr(config, name)
+        if kind is float and type(value) is int:
+            setattr(config, name, value := float(value))
+        if type(value) is not kind and not (value is None and optional):
+            raise NinError(f"--{flag(name)} must be {kind.__name__}, got {value!r}")
+    model_info(config.model)
+    dataset_spec(config.dataset)
+    try:
+        with torch.device("meta"):  # builds the model without allocating its weights
+            create_model(config.model, **config.model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise NinError(f"--model-kwargs do not fit {config.model!r} ({e})") from None
+    for name in ("holdout", "collapse_steps", "stuck_steps", "checkpoint_every", "crop_padding"):
+        if getattr(config, name) < 0:
+            raise NinError(f"--{flag(name)} must be 0 or more, got {getattr(config, name)}")
+    for name in ("epochs", "batch_size", "resize", "train_subset", "test_subset"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise NinError(f"--{flag(name)} must be at least 1, got {value}")
+    for name in ("lr", "bias_lr_scale"):
+        if not getattr(config, name) > 0 or not math.isfinite(getattr(config, name)):
+            raise NinError(f"--{flag(name)} must be a positive number, got {getattr(config, name)}")
+    for name in ("momentum", "weight_decay", "lookahead"):
+        if not getattr(config, name) >= 0:
+            raise NinError(f"--{flag(name)} must be 0 or more, got {getattr(config, name)}")
+    if not 0 <= config.label_smoothing < 1:
+        raise NinError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
+    for name, known in (("schedule", SCHEDULES), ("init", INITS), ("tta", tuple(TTA_LEVELS))):
+        if getattr(config, name) not in known:
+            choices = ", ".join(map(str, known))
+            raise NinError(f"unknown --{name} {getattr(config, name)!r}; choose one of: {choices}")
+    return config
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field, without its dashes: batch_size -> batch-size."""
+    return name.replace("_", "-")
