@@ -10,6 +10,7 @@ from torch import nn
 import nin.exercises as ex
 from nin.config import make_config
 from nin.errors import NinError
+from nin.exercises import common, reduction, tuning
 from nin.models import create_model
 
 TINY = ex.Scale(
@@ -28,7 +29,7 @@ TINY = ex.Scale(
 def tiny(monkeypatch):
     monkeypatch.setitem(ex.SCALES, "cpu", TINY)
     monkeypatch.setattr(
-        ex,
+        tuning,
         "GRID",
         {"lr": (0.1,), "batch_size": (128,), "weight_decay": (0.0,), "batch_norm": (False, True)},
     )
@@ -70,7 +71,7 @@ def test_pointwise_trains_each_variant_per_seed(tmp_path, tiny, data_dir):
 def test_reduction_counts_chance_runs_and_dead_maps(tmp_path, tiny, data_dir):
     readme, _ = run(["reduction"], tmp_path, data_dir)
     results = json.loads((tmp_path / "reduction.json").read_text())["results"]
-    assert set(results) == set(ex.REDUCTIONS)
+    assert set(results) == set(reduction.REDUCTIONS)
     assert results["dense"]["dead_channels"] == results["no final ReLU"]["dead_channels"] == [None]
     assert all(0 <= r["at_chance"] <= 1 for r in results.values())
     assert "ln 10 = 2.303" in readme and "(here 192)" in readme
@@ -82,10 +83,34 @@ def test_dead_class_channels_finds_a_dead_relu(data_dir):
     with torch.no_grad():
         last_conv.bias[:4] = -1e6  # four class maps that can never be positive
     config = make_config("compact", data_dir=str(data_dir), test_subset=200, amp=False)
-    assert ex.dead_class_channels(model, config) >= 4
-    assert ex.dead_class_channels(create_model("nin_compact", head="dense"), config) is None
+    assert reduction.dead_class_channels(model, config) >= 4
+    assert reduction.dead_class_channels(create_model("nin_compact", head="dense"), config) is None
     bare = create_model("nin_compact", batch_norm=False, final_relu=False)
-    assert ex.dead_class_channels(bare, config) is None  # bare logits cannot die
+    assert reduction.dead_class_channels(bare, config) is None  # bare logits cannot die
+
+
+def test_reduction_counts_runs_at_chance_over_seeds(tmp_path, monkeypatch):
+    # Three seeds per last block, no training: the chapter's block ends at chance twice, the
+    # gradual head once; the count must reach the results, the table and the prose.
+    accuracies = {"direct": [0.1, 0.8, 0.12], "gradual": [0.8, 0.11, 0.85]}
+
+    def fake_fit_seeds(ctx, recipe, exercise, label, kwargs):
+        accs = accuracies.get(label, [0.8, 0.85, 0.9])
+        return [{"parameters": 1000, "test_acc": a, "loss": 1.0, "model": None} for a in accs]
+
+    monkeypatch.setattr(reduction, "fit_seeds", fake_fit_seeds)
+    monkeypatch.setattr(reduction, "dead_class_channels", lambda model, config: 0)
+    assert reduction.at_chance([0.1, 0.5, 0.149, 0.15, 0.0999]) == 3  # below 15% is chance
+    ctx = ex.Context(TINY, 3, tmp_path, log=lambda line: None)
+    results = reduction.run_reduction(ctx)
+    assert {label: r["at_chance"] for label, r in results.items()} == {
+        "direct": 2, "gradual": 1, "late": 0, "dense": 0, "no final ReLU": 0, "batch norm": 0
+    }  # fmt: skip
+    text = reduction.render_reduction(results, ctx)
+    assert "| 2 of 3 |" in text and "| 1 of 3 |" in text
+    assert "0 dead class maps in all and 2 of 3 runs at chance" in text
+    # A chapter block with chance runs failed: the changes without any are named.
+    assert "no chance runs here: late, dense, no final ReLU, batch norm;" in text
 
 
 def test_tuning_searches_on_validation_and_tests_at_the_end(tmp_path, tiny, data_dir):
@@ -136,8 +161,8 @@ def test_bad_arguments_are_refused(tmp_path):
 
 
 def test_statistics_helpers():
-    assert ex.pm([0.9, 0.92]) == "91.00 ± 1.41"
-    assert ex.differs([0.9, 0.91, 0.9], [0.5, 0.51, 0.5])
-    assert not ex.differs([0.9, 0.95], [0.91, 0.94])
-    assert not ex.differs([0.9], [0.1])  # one seed: no noise estimate, no claim
-    assert ex.noise([0.9], [0.1]) == "one seed: no estimate of the noise"
+    assert common.pm([0.9, 0.92]) == "91.00 ± 1.41"
+    assert common.differs([0.9, 0.91, 0.9], [0.5, 0.51, 0.5])
+    assert not common.differs([0.9, 0.95], [0.91, 0.94])
+    assert not common.differs([0.9], [0.1])  # one seed: no noise estimate, no claim
+    assert common.noise([0.9], [0.1]) == "one seed: no estimate of the noise"

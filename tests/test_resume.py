@@ -44,7 +44,7 @@ def saved_step(path: Path) -> tuple[int, int] | None:
             state = json.loads(f.metadata()["state"])
     except Exception:  # not written yet
         return None
-    return state["epoch"], state["step"]
+    return state["run"]["epoch"], state["run"]["step"]
 
 
 def run_metrics(run_dir: Path) -> list[dict]:

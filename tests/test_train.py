@@ -380,5 +380,5 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
     )
     tensors, metadata = read_tensors(tmp_path / LAST)
     # The checkpoint due at step 6 found the weights blown up and was not written.
-    assert json.loads(metadata["state"])["step"] == 3
+    assert json.loads(metadata["state"])["run"]["step"] == 3
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model."))
