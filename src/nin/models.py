@@ -256,77 +256,73 @@ def paper_block(
     )  # fmt: skip
 
 
-@register_model((3, 32, 32), "the paper's CIFAR-10 NiN (Caffe model): 192-channel blocks")
-def nin_cifar(
-    num_classes: int = 10,
-    in_channels: int = 3,
+# The paper's networks as the authors' Caffe files lay them out: each NiN block as (widths,
+# kernel, stride, padding), the last width 0 for the classes; between blocks, 3×3 pooling of
+# stride 2 in Caffe's ceil mode ("max" or "avg") and dropout ("drop").
+PAPER_CFGS: dict[str, list] = {
+    # 192 5×5 → 160 → 96, 192 5×5 → 192 → 192, 192 3×3 → 192 → C; 32 → 16 → 8.
+    "nin_cifar": [
+        ((192, 160, 96), 5, 1, 2), "max", "drop",
+        ((192, 192, 192), 5, 1, 2), "avg", "drop",
+        ((192, 192, 0), 3, 1, 1),
+    ],
+    # The paper says only that the maps are fewer: half the CIFAR-10 net's; 28 → 14 → 7.
+    "nin_mnist": [
+        ((96, 80, 48), 5, 1, 2), "max", "drop",
+        ((96, 96, 96), 5, 1, 2), "avg", "drop",
+        ((96, 96, 0), 3, 1, 1),
+    ],
+    # The authors' model zoo: 96/256/384/1024 channels, 11/5/3/3 windows; 54 → 27 → 13 → 6.
+    "nin_imagenet": [
+        ((96, 96, 96), 11, 4, 0), "max",
+        ((256, 256, 256), 5, 1, 2), "max",
+        ((384, 384, 384), 3, 1, 1), "max", "drop",
+        ((1024, 1024, 0), 3, 1, 1),
+    ],
+}  # fmt: skip
+
+
+def _create_paper(
+    variant: str,
+    num_classes: int,
+    in_channels: int,
     num_pointwise: int = 2,
     batch_norm: bool = False,
     dropout: float = 0.5,
 ) -> NiN:
-    """Lin et al.'s CIFAR-10 network: 192 5×5 → 160 → 96, 192 5×5 → 192 → 192, 192 3×3 → 192 → C.
+    """One of the paper's networks (see PAPER_CFGS), with `num_pointwise` 1×1s per block."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for item in PAPER_CFGS[variant]:
+        if item == "drop":
+            layers.append(nn.Dropout(dropout))
+        elif item in ("max", "avg"):
+            pool = nn.MaxPool2d if item == "max" else nn.AvgPool2d
+            layers.append(pool(3, stride=2, ceil_mode=True))
+        else:
+            widths, k, s, p = item
+            widths = tuple(w or num_classes for w in widths)
+            layers.append(paper_block(c, widths, k, s, p, num_pointwise, batch_norm))
+            c = widths[-1]
+    return NiN(*layers, *global_average_pool())
 
-    Pooling uses Caffe's ceil mode (32 → 16 → 8), as the authors' model does.
-    """
-    n, bn = num_pointwise, batch_norm
-    return NiN(
-        paper_block(in_channels, (192, 160, 96), 5, 1, 2, n, bn),
-        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 16×16
-        nn.Dropout(dropout),
-        paper_block(96, (192, 192, 192), 5, 1, 2, n, bn),
-        nn.AvgPool2d(3, stride=2, ceil_mode=True),  # 8×8
-        nn.Dropout(dropout),
-        paper_block(192, (192, 192, num_classes), 3, 1, 1, n, bn),
-        *global_average_pool(),
-    )
+
+@register_model((3, 32, 32), "the paper's CIFAR-10 NiN (Caffe model): 192-channel blocks")
+def nin_cifar(num_classes: int = 10, in_channels: int = 3, **kwargs) -> NiN:
+    """Lin et al.'s CIFAR-10 network (see PAPER_CFGS)."""
+    return _create_paper("nin_cifar", num_classes, in_channels, **kwargs)
 
 
 @register_model((1, 28, 28), "the paper's MNIST NiN: its CIFAR-10 structure at 96 channels")
-def nin_mnist(
-    num_classes: int = 10,
-    in_channels: int = 1,
-    num_pointwise: int = 2,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
-) -> NiN:
-    """Lin et al.'s MNIST network: the CIFAR-10 structure with fewer maps (28 → 14 → 7).
-
-    The paper says only that the maps are fewer; these widths are half the CIFAR-10 net's.
-    """
-    n, bn = num_pointwise, batch_norm
-    return NiN(
-        paper_block(in_channels, (96, 80, 48), 5, 1, 2, n, bn),
-        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 14×14
-        nn.Dropout(dropout),
-        paper_block(48, (96, 96, 96), 5, 1, 2, n, bn),
-        nn.AvgPool2d(3, stride=2, ceil_mode=True),  # 7×7
-        nn.Dropout(dropout),
-        paper_block(96, (96, 96, num_classes), 3, 1, 1, n, bn),
-        *global_average_pool(),
-    )
+def nin_mnist(num_classes: int = 10, in_channels: int = 1, **kwargs) -> NiN:
+    """Lin et al.'s MNIST network: the CIFAR-10 structure with fewer maps (see PAPER_CFGS)."""
+    return _create_paper("nin_mnist", num_classes, in_channels, **kwargs)
 
 
 @register_model((3, 224, 224), "the paper's four-block ImageNet NiN (the authors' model zoo)")
-def nin_imagenet(
-    num_classes: int = 1000,
-    in_channels: int = 3,
-    num_pointwise: int = 2,
-    batch_norm: bool = False,
-    dropout: float = 0.5,
-) -> NiN:
-    """The authors' ImageNet model: 96/256/384/1024 channels, 11/5/3/3 windows, ceil-mode pools."""
-    n, bn = num_pointwise, batch_norm
-    return NiN(
-        paper_block(in_channels, (96, 96, 96), 11, 4, 0, n, bn),  # 54×54
-        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 27×27
-        paper_block(96, (256, 256, 256), 5, 1, 2, n, bn),
-        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 13×13
-        paper_block(256, (384, 384, 384), 3, 1, 1, n, bn),
-        nn.MaxPool2d(3, stride=2, ceil_mode=True),  # 6×6
-        nn.Dropout(dropout),
-        paper_block(384, (1024, 1024, num_classes), 3, 1, 1, n, bn),
-        *global_average_pool(),
-    )
+def nin_imagenet(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> NiN:
+    """The authors' ImageNet model (see PAPER_CFGS)."""
+    return _create_paper("nin_imagenet", num_classes, in_channels, **kwargs)
 
 
 class Scale(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import os
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +24,6 @@ from nin.models import check_input
 from nin.plots import confusion_figure, curves_figure
 
 MAX_MISTAKES = 48  # images in the grid: the most confident mistakes first
-
-STYLE = """
-body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222;
-       padding: 0 1em; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bottom: 1px solid
-#ddd; } .sub { color: #666; } table { border-collapse: collapse; } td, th { padding: 2px 10px;
-text-align: left; border-bottom: 1px solid #eee; vertical-align: top; } td.num { text-align:
-right; font-variant-numeric: tabular-nums; } .bar { background: #4a7ab5; height: 0.9em; }
-.grid { display: flex; flex-wrap: wrap; gap: 10px; } figure { margin: 0; width: 112px;
-font-size: 12px; text-align: center; } figure img { width: 112px; height: 112px;
-image-rendering: pixelated; border: 1px solid #ccc; } .wrong { color: #b22; } pre { background:
-#f6f6f6; padding: 0.6em; overflow-x: auto; } .row { display: flex; flex-wrap: wrap;
-gap: 0 3em; } .row img { max-width: 100%; }
-"""
 
 
 def predict_test_split(
@@ -168,9 +155,10 @@ def build_report(
         f"{table(sorted(trained.items()))}<h3>Where this report was made</h3>"
         f"{table(sorted(now.items()))}</section>"
     )
+    style = (resources.files("nin") / "templates" / "report.css").read_text(encoding="utf-8")
     page = (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>'
-        f"{html.escape(title)} — nin report</title><style>{STYLE}</style></head>\n"
+        f"{html.escape(title)} — nin report</title><style>{style}</style></head>\n"
         f"<body>{''.join(parts)}</body></html>\n"
     )
     summary = f"{title}: test acc {acc:.4f} on {n} test images ({n - int(confusion.trace())} wrong)"

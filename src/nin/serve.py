@@ -9,6 +9,7 @@ with a readable message that the page shows; the model is never asked about them
 # run time, and those name classes imported inside create_app.
 import html
 import socket
+from importlib import resources
 from typing import Any
 
 from nin import predict
@@ -123,117 +124,6 @@ def render_page(predictor: Predictor, name: str) -> str:
         if config.get("in_channels") == 1
         else ""
     )
-    page = PAGE.replace("{{NAME}}", html.escape(name)).replace("{{ABOUT}}", html.escape(about))
+    page = (resources.files("nin") / "templates" / "serve.html").read_text(encoding="utf-8")
+    page = page.replace("{{NAME}}", html.escape(name)).replace("{{ABOUT}}", html.escape(about))
     return page.replace("{{NOTE}}", html.escape(note))
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>nin — {{NAME}}</title>
-<style>
-body { font: 16px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 880px; padding: 0 1em;
-       color: #222; }
-h1 { margin-bottom: 0.1em; } .sub { color: #666; margin-top: 0; }
-.panels { display: flex; gap: 2em; flex-wrap: wrap; }
-.panel { border: 1px solid #ddd; border-radius: 8px; padding: 1em; }
-canvas { background: #000; border-radius: 4px; cursor: crosshair; touch-action: none; }
-#seen { width: 112px; height: 112px; image-rendering: pixelated; border: 1px solid #ccc;
-        background: #000; }
-#error { color: #b22; font-weight: 600; } #error:empty { display: none; }
-#results { list-style: none; padding: 0; margin: 0; min-width: 300px; }
-#results li { display: grid; grid-template-columns: 130px 60px 1fr; gap: 8px;
-              align-items: center; margin: 4px 0; }
-#results li:first-child { font-weight: 700; }
-.bar { background: #4a7ab5; height: 14px; border-radius: 2px; }
-button { font: inherit; padding: 0.3em 0.9em; }
-</style></head>
-<body>
-<h1>nin: {{NAME}}</h1>
-<p class="sub">{{ABOUT}}. {{NOTE}}everything is padded square and shrunk to its input size
-(shown under "the model saw").</p>
-<div class="panels">
-  <div class="panel">
-    <p><label for="file"><b>Upload a PNG or JPEG</b></label><br>
-    <input type="file" id="file" accept="image/png,image/jpeg"></p>
-    <p><b>…or draw</b> (white on black)<br>
-    <canvas id="canvas" width="280" height="280"></canvas><br>
-    <button id="classify-drawing">Classify drawing</button> <button id="clear">Clear</button></p>
-  </div>
-  <div class="panel">
-    <p id="error" role="alert"></p>
-    <p><b>Top 5</b></p>
-    <ol id="results"></ol>
-    <p><b>The model saw</b><br><img id="seen" alt="the model's input"></p>
-  </div>
-</div>
-<script>
-const results = document.getElementById("results");
-const error = document.getElementById("error");
-const seen = document.getElementById("seen");
-async function classify(blob, name) {
-  error.textContent = "";
-  results.innerHTML = "";
-  const form = new FormData();
-  form.append("file", blob, name);
-  let reply, body;
-  try {
-    reply = await fetch("predict", { method: "POST", body: form });
-    body = await reply.json();
-  } catch (e) {
-    error.textContent = "The server did not answer (" + e + ")";
-    return;
-  }
-  if (!reply.ok) {
-    error.textContent = body.detail || ("Error " + reply.status);
-    seen.removeAttribute("src");
-    return;
-  }
-  for (const row of body.top) {
-    const li = document.createElement("li");
-    const name = document.createElement("span");
-    name.className = "class";
-    name.textContent = row.class;
-    const prob = document.createElement("span");
-    prob.className = "prob";
-    prob.textContent = row.prob.toFixed(3);
-    const bar = document.createElement("div");
-    bar.className = "bar";
-    bar.style.width = Math.max(1, Math.round(row.prob * 100)) + "%";
-    li.append(name, prob, bar);
-    results.append(li);
-  }
-  seen.src = body.input_png;
-}
-document.getElementById("file").addEventListener("change", (event) => {
-  const file = event.target.files[0];
-  if (file) classify(file, file.name);
-});
-const canvas = document.getElementById("canvas");
-const ctx = canvas.getContext("2d");
-function clear() { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height); }
-clear();
-let drawing = false;
-function point(event) {
-  const box = canvas.getBoundingClientRect();
-  return [event.clientX - box.left, event.clientY - box.top];
-}
-canvas.addEventListener("pointerdown", (e) => {
-  drawing = true;
-  ctx.beginPath();
-  ctx.moveTo(...point(e));
-});
-canvas.addEventListener("pointermove", (e) => {
-  if (!drawing) return;
-  ctx.lineTo(...point(e));
-  ctx.strokeStyle = "#fff";
-  ctx.lineWidth = 22;
-  ctx.lineCap = ctx.lineJoin = "round";
-  ctx.stroke();
-});
-window.addEventListener("pointerup", () => { drawing = false; });
-document.getElementById("clear").addEventListener("click", clear);
-document.getElementById("classify-drawing").addEventListener("click", () => {
-  canvas.toBlob((blob) => classify(blob, "drawing.png"), "image/png");
-});
-</script>
-</body></html>
-"""
