@@ -226,12 +226,13 @@ def json_object(text: str) -> dict:
     return value
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (the preset aside), with the field's help text."""
+def add_config_flags(parser: argparse.ArgumentParser, *names: str) -> None:
+    """A flag per TrainConfig field named (default: every one but the preset), with the
+    field's help text."""
     from nin.config import FIELDS, TYPES, flag
 
     for name, f in FIELDS.items():
-        if name == "preset":
+        if name == "preset" or (names and name not in names):
             continue
         kind, _ = TYPES[name]
         options = {k: v for k, v in f.metadata.items() if k != "help"}
@@ -243,6 +244,19 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f"--{flag(name)}", help=f.metadata["help"].replace("%", "%%"), **options
         )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """A model name, and the input size and classes to build it for."""
+    parser.add_argument("model", help="a registered model name (see `nin models`)")
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        help="the input's channels, height and width (default: the model's own)",
+    )
+    parser.add_argument("--num-classes", type=int, metavar="N", help="default: the model's")
 
 
 class Parser(argparse.ArgumentParser):
@@ -268,18 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("summary", help="per-layer output shape, parameters and FLOPs")
-    p.add_argument("model", help="a registered model name (see `nin models`)")
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
-    p.add_argument("--num-classes", type=int, default=None)
+    add_model_args(p)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser(
         "resources",
         help="parameters, FLOPs, training and inference memory (analytic and measured)",
     )
-    p.add_argument("model", help="a registered model name (see `nin models`)")
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
-    p.add_argument("--num-classes", type=int, default=None)
+    add_model_args(p)
     p.add_argument(
         "--batch-size", type=int, nargs="+", default=[1, 128], help="one or more (default 1 128)"
     )
@@ -289,12 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sgd", "momentum", "adam"],
         help="whose state to count: sgd (the chapter's, none), momentum (1×), adam (2×)",
     )
-    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_config_flags(p, "device")
     p.set_defaults(func=cmd_resources)
 
     p = sub.add_parser("download", help="download and verify a data set")
     p.add_argument("dataset", choices=sorted(DATASETS))
-    p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
+    add_config_flags(p, "data_dir")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser(
@@ -342,16 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run nothing: render README.md and the plots again from the saved results",
     )
-    p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_config_flags(p, "data_dir", "device")
     p.set_defaults(func=cmd_exercises)
 
     p = sub.add_parser("eval", help="test accuracy of a checkpoint, overall and per class")
     p.add_argument("checkpoint", help="a run directory or its model.safetensors")
-    p.add_argument("--device")
-    p.add_argument("--data-dir")
-    p.add_argument("--batch-size", type=int, help="default: the run's batch size")
-    p.add_argument("--test-subset", type=int)
+    add_config_flags(p, "device", "data_dir", "batch_size", "test_subset")
     p.set_defaults(func=cmd_eval)
 
     # --- using and shipping a model (predict, export, report, serve)
@@ -404,9 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a run directory written by `nin train`")
     p.add_argument("--out", help="default: RUN_DIR/report.html")
-    p.add_argument("--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)")
-    p.add_argument("--test-subset", type=int, help="evaluate the first N test images only")
-    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_config_flags(p, "data_dir", "test_subset", "device")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

@@ -36,7 +36,6 @@ from nin.errors import NinError
 from nin.files import atomic_path, no_empty_dirs_left
 
 if TYPE_CHECKING:
-    from nin.config import TrainConfig
     from nin.distributed import World
 
 IDX_DTYPES = {0x08: torch.uint8}
@@ -555,9 +554,11 @@ class DeviceLoader:
 
 
 def make_loader(
-    config: TrainConfig, split: str, device: torch.device, world: World | None = None
+    config: Any, split: str, device: torch.device, world: World | None = None
 ) -> DeviceLoader:
-    """The loader of one split on `device`: shuffled and augmented for train, plain otherwise.
+    """The loader of one split on `device` for a `nin.config.TrainConfig` (not imported here:
+    the config module checks data set names against this one): shuffled and augmented for
+    train, plain otherwise.
 
     `split` is "train", "test", or "val": the last `config.holdout` training examples, which
     the "train" split then leaves out. Under torchrun each process gets its shard of every
