@@ -240,7 +240,8 @@ def add_config_flags(parser: argparse.ArgumentParser, *names: str) -> None:
             options["action"] = argparse.BooleanOptionalAction
         else:
             options["type"] = json_object if kind is dict else kind
-            options.setdefault("metavar", {int: "N", float: "X"}.get(kind, name.upper()))
+            if "choices" not in options:
+                options.setdefault("metavar", {int: "N", float: "X"}.get(kind, name.upper()))
         parser.add_argument(
             f"--{flag(name)}", help=f.metadata["help"].replace("%", "%%"), **options
         )
@@ -269,6 +270,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
+    from nin.config import FIELDS
     from nin.data import DATASETS
     from nin.presets import PRESETS
 
@@ -315,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     notes = "; ".join(f"{name}: {preset.note}" for name, preset in PRESETS.items())
     p.add_argument(
-        "--preset", help=f"the recipe to start from (default compact). {notes}".replace("%", "%%")
+        "--preset",
+        help=f"{FIELDS['preset'].metadata['help']} (default compact). {notes}".replace("%", "%%"),
     )
     p.add_argument(
         "--config",

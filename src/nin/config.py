@@ -43,7 +43,7 @@ def setting(default: Any, help: str, **flag: Any) -> Any:
 class TrainConfig:
     """Everything that defines a training run; saved beside the checkpoint as config.json."""
 
-    preset: str = setting("compact", "the recipe the other settings start from")
+    preset: str = setting("compact", "the recipe to start from")
     model: str = setting("nin_compact", "a registered model (see `nin models`)")
     dataset: str = setting("fashion-mnist", "the data set", choices=sorted(DATASETS))
     epochs: int = setting(10, "passes over the training set")
