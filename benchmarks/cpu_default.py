@@ -10,18 +10,16 @@ speed-up is a ratio measured on one machine at one time. Not a test: it takes mi
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from datetime import date
 
 import torch
-from report import write_section
+from report import machine, write_section
 from torch import nn
 
 from nin.checkpoint import new_run_dir
 from nin.config import make_config
 from nin.data import dataset_spec, load_split
-from nin.device import cpu_name
 from nin.models import create_model
 from nin.train import train
 
@@ -92,8 +90,7 @@ figure in this section comes from one run of it on {date.today():%Y-%m-%d}.
 
 ## CPU: the default preset (`nin train`), end to end
 
-- Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__},
-  Python {platform.python_version()}; trained on `{device}`.
+- Machine: {machine()}; trained on `{device}`.
 - Settings: preset `compact` — `nin_compact` (324,874 parameters) on Fashion-MNIST at 28×28,
   {config.epochs} epochs, batch {config.batch_size}, SGD nesterov momentum {config.momentum},
   one-cycle lr {config.lr}, weight decay {config.weight_decay}, label smoothing

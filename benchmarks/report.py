@@ -6,23 +6,18 @@ Each script owns one section of docs/benchmarks.md, between `<!-- begin NAME -->
 
 from __future__ import annotations
 
-import platform
 import re
 from pathlib import Path
 
 import torch
 
-from nin.device import cpu_name
+from nin.device import describe, environment
 from nin.files import atomic_path
 
 
 def machine() -> str:
     """CPU, threads, GPU if any, torch and Python versions, in one line."""
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (
-        f"{cpu_name()}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}"
-    )
+    return describe(environment("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def write_section(path: str | Path, name: str, markdown: str) -> None:

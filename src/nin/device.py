@@ -106,6 +106,9 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 def describe(env: dict[str, Any]) -> str:
-    """An `environment` in a few words: the GPU, or the CPU and its threads; and torch."""
-    where = env.get("gpu") or f"{env.get('cpu', 'CPU')}, {env.get('cpu_threads', '?')} threads"
-    return f"{where}, torch {env.get('torch', '?')}"
+    """An `environment` in one line: CPU and threads, the GPU if any, torch and Python."""
+    gpu = f", GPU {env['gpu']}" if env.get("gpu") else ""
+    return (
+        f"{env.get('cpu', '?')}, {env.get('cpu_threads', '?')} threads{gpu}, "
+        f"torch {env.get('torch', '?')}, Python {env.get('python', '?')}"
+    )
