@@ -270,15 +270,20 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    from nin.config import FIELDS
-    from nin.data import DATASETS
-    from nin.presets import PRESETS
-
     parser = Parser(
         prog="nin", description="Network in Network: build, inspect, train and evaluate NiN."
     )
     parser.add_argument("--version", action="version", version=f"nin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_model_commands(sub)
+    add_training_commands(sub)
+    add_shipping_commands(sub)
+    return parser
+
+
+def add_model_commands(sub: Any) -> None:
+    """models, summary, resources, download: inspecting models and fetching data."""
+    from nin.data import DATASETS
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)
@@ -308,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=sorted(DATASETS))
     add_config_flags(p, "data_dir")
     p.set_defaults(func=cmd_download)
+
+
+def add_training_commands(sub: Any) -> None:
+    """train, exercises, eval."""
+    from nin.config import FIELDS
+    from nin.presets import PRESETS
 
     p = sub.add_parser(
         "train",
@@ -363,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, "device", "data_dir", "batch_size", "test_subset")
     p.set_defaults(func=cmd_eval)
 
-    # --- using and shipping a model (predict, export, report, serve)
+
+def add_shipping_commands(sub: Any) -> None:
+    """predict, export, report, serve: using and shipping a trained model."""
     p = sub.add_parser(
         "predict",
         help="top classes of PNG/JPEG images with a checkpoint or the bundled model",
@@ -427,7 +440,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.set_defaults(func=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,43 @@ def table(rows: list[tuple[str, Any]]) -> str:
     return f"<table>{cells}</table>"
 
 
+def per_class_section(classes: tuple[str, ...], accs: list[float], totals: list[int]) -> str:
+    """Each class's accuracy, with its number of images and a bar."""
+    rows = []
+    for name, class_acc, total in zip(classes, accs, totals, strict=True):
+        bar = f'<div class="bar" style="width:{200 * class_acc:.0f}px"></div>'
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td class='num'>{class_acc:.3f}</td>"
+            f"<td class='num'>{total}</td><td>{bar}</td></tr>"
+        )
+    return (
+        '<section id="per-class"><h2>Per-class accuracy</h2><table><tr><th>class</th>'
+        f"<th>accuracy</th><th>images</th><th></th></tr>{''.join(rows)}</table></section>"
+    )
+
+
+def mistakes_section(found: dict[str, Any], classes: tuple[str, ...]) -> str:
+    """The most confident mistakes, as a grid of the test images with true and predicted class."""
+    labels, predicted, confidence = found["labels"], found["predicted"], found["confidence"]
+    wrong = (predicted != labels).nonzero().flatten()
+    total = len(wrong)
+    wrong = wrong[confidence[wrong].argsort(descending=True)][:MAX_MISTAKES]
+    figures = []
+    for i in wrong.tolist():
+        true, guess = classes[labels[i]], classes[predicted[i]]
+        src = data_uri(image_png(found["images"][i], scale=4))
+        figures.append(
+            f'<figure><img alt="test image {i}" src="{src}"><figcaption>#{i}<br>'
+            f"true: {html.escape(true)}<br><span class='wrong'>predicted: "
+            f"{html.escape(guess)} ({confidence[i]:.2f})</span></figcaption></figure>"
+        )
+    return (
+        f'<section id="mistakes"><h2>Misclassified test images</h2><p>The {len(figures)} most '
+        f"confident mistakes of {total}, most confident first.</p>"
+        f'<div class="grid">{"".join(figures)}</div></section>'
+    )
+
+
 def build_report(
     run_dir: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
@@ -76,8 +113,7 @@ def build_report(
     found = predict_test_split(run_dir, data_dir, test_subset, device)
     config, confusion = found["config"], found["confusion"]
     classes = dataset_spec(config["dataset"]).classes
-    labels, predicted, confidence = found["labels"], found["predicted"], found["confidence"]
-    n = len(labels)
+    n = len(found["labels"])
     acc = found["accuracy"]
     title = f"{config['model']} on {config['dataset']}"
     parts = [
@@ -106,37 +142,8 @@ def build_report(
     png = figure_png(confusion_figure(confusion, classes))
     parts.append(f'<img alt="confusion matrix" src="{data_uri(png)}"></section></div>')
 
-    rows = []
-    for name, class_acc, total in zip(
-        classes, found["per_class"], confusion.sum(1).tolist(), strict=True
-    ):
-        bar = f'<div class="bar" style="width:{200 * class_acc:.0f}px"></div>'
-        rows.append(
-            f"<tr><td>{html.escape(name)}</td><td class='num'>{class_acc:.3f}</td>"
-            f"<td class='num'>{total}</td><td>{bar}</td></tr>"
-        )
-    parts.append(
-        '<section id="per-class"><h2>Per-class accuracy</h2><table><tr><th>class</th>'
-        f"<th>accuracy</th><th>images</th><th></th></tr>{''.join(rows)}</table></section>"
-    )
-
-    wrong = (predicted != labels).nonzero().flatten()
-    wrong = wrong[confidence[wrong].argsort(descending=True)][:MAX_MISTAKES]
-    figures = []
-    for i in wrong.tolist():
-        true, guess = classes[labels[i]], classes[predicted[i]]
-        src = data_uri(image_png(found["images"][i], scale=4))
-        figures.append(
-            f'<figure><img alt="test image {i}" src="{src}"><figcaption>#{i}<br>'
-            f"true: {html.escape(true)}<br><span class='wrong'>predicted: "
-            f"{html.escape(guess)} ({confidence[i]:.2f})</span></figcaption></figure>"
-        )
-    parts.append(
-        f'<section id="mistakes"><h2>Misclassified test images</h2><p>The {len(figures)} most '
-        f"confident mistakes of {n - int(confusion.trace())}, most confident first.</p>"
-        f'<div class="grid">{"".join(figures)}</div></section>'
-    )
-
+    parts.append(per_class_section(classes, found["per_class"], confusion.sum(1).tolist()))
+    parts.append(mistakes_section(found, classes))
     settings = {k: v for k, v in config.items() if k not in ("environment", "result")}
     parts.append(f'<section id="config"><h2>Config</h2>{table(sorted(settings.items()))}')
     if isinstance(config.get("result"), dict):

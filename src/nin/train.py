@@ -11,6 +11,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from nin.distributed import (
     init_world,
 )
 from nin.errors import NinError
-from nin.evaluate import evaluate
+from nin.evaluate import Evaluation, evaluate
 from nin.fast import TTA_LEVELS, Lookahead, init_whitening_, param_groups
 from nin.files import save_figure, write_json
 from nin.models import check_input, count_parameters, create_model, xavier_init_
@@ -116,6 +117,44 @@ class RunState:
         self.loader.load_state_dict(mine)
 
 
+@dataclass
+class Run:
+    """Everything a training run works with, made by `start_run`."""
+
+    config: TrainConfig
+    dir: Path
+    world: World
+    device: torch.device
+    log: Callable[[str], None]
+    began: float  # time.perf_counter() at the start of this process's part of the run
+    train_loader: DeviceLoader
+    eval_loader: DeviceLoader
+    eval_key: str  # "val_acc" with a holdout (the test split is not read), else "test_acc"
+    model: nn.Module
+    step_model: nn.Module  # the model as the step calls it: DDP and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    lookahead: Lookahead | None
+    watch: TrainingWatch
+    state: RunState
+    record: dict[str, Any]  # the config.json: settings, data shape, environment, result
+    evaluation: Evaluation | None = None  # of the last epoch this process finished
+
+    def stateful(self) -> dict[str, Any]:
+        """The pieces a checkpoint saves and a resume restores, each with a state_dict."""
+        pieces = {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "lookahead": self.lookahead,
+            "watch": self.watch,
+            "run": self.state,
+        }
+        return {k: v for k, v in pieces.items() if v is not None}
+
+
 def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool = False) -> dict:
     """Train as `config` says, checkpointing as it goes; with `resume`, continue the run saved in
     `config.out` exactly where its last checkpoint left it.
@@ -123,6 +162,49 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
     Returns the final metrics, the per-epoch history, the run directory and the trained model.
     Under torchrun every process calls this; rank 0 alone logs and writes files.
     """
+    run = start_run(config, log, resume)
+    model, optimizer, scheduler, lookahead = run.model, run.optimizer, run.scheduler, run.lookahead
+    watch, state, loader = run.watch, run.state, run.train_loader
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    for epoch in range(state.epoch, config.epochs + 1):
+        model.train()
+        skip, state.step = state.step, 0
+        loader.order_generator.set_state(state.order)  # this epoch's order, drawn again
+        start = time.perf_counter() - state.epoch_seconds
+        # The bar shows on a terminal only (disable=None), so logs stay clean.
+        bar = tqdm(
+            loader.batches(skip),
+            f"epoch {epoch}/{config.epochs}",
+            total=len(loader),
+            initial=skip,
+            leave=False,
+            disable=None if run.world.main else True,
+        )
+        for step, (x, y) in enumerate(bar, start=skip + 1):
+            logits = train_step(run.step_model, x, y, optimizer, loss_fn, config.amp, run.scaler)
+            if scheduler:
+                scheduler.step()
+            global_step = (epoch - 1) * len(loader) + step
+            if lookahead:
+                lookahead.step(model, global_step)
+            # Sums stay on the device: the watch reads them once per window, never per step.
+            batch_loss = F.cross_entropy(logits.float(), y, reduction="sum")  # unsmoothed
+            batch_correct = (logits.argmax(1) == y).sum()
+            state.loss_sum += batch_loss
+            state.correct += batch_correct
+            if watch.update(logits, batch_loss, batch_correct):
+                raise watch.error(epoch, config.lr, run.dir / LAST)
+            every = config.checkpoint_every
+            if every and global_step % every == 0 and step < len(loader):
+                state.step, state.epoch_seconds = step, time.perf_counter() - start
+                checkpoint(run, epoch)
+        end_epoch(run, epoch, time.perf_counter() - start)
+    return finish_run(run)
+
+
+def start_run(config: TrainConfig, log: Callable[[str], None], resume: bool) -> Run:
+    """Set a run up: the processes, its directory, the data on the device, the model and the
+    optimizer; on a resume, everything as the last checkpoint left it."""
     began = time.perf_counter()
     world = init_world(config.device)
     log = log if world.main else no_log
@@ -133,168 +215,146 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(config.deterministic)
     torch.manual_seed(config.seed)
-
-    # Data on the device. With a holdout, every accuracy is validation accuracy: test is unread.
-    train_loader = make_loader(config, "train", device, world)
+    # With a holdout, every accuracy is validation accuracy: the test split is not read.
     eval_split = "val" if config.holdout else "test"
-    eval_key = f"{eval_split}_acc"
+    train_loader = make_loader(config, "train", device, world)
     eval_loader = make_loader(config, eval_split, device, world)
     num_classes = len(dataset_spec(config.dataset).classes)
     model = build_model(config, train_loader, num_classes)
     if world.active:  # the same weights everywhere (DDP broadcasts them), other dropout masks
         torch.manual_seed(config.seed + 1000 * world.rank)
-
-    # The optimizer and everything else a checkpoint must hold.
     optimizer = torch.optim.SGD(
         param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale),
         momentum=config.momentum,
         nesterov=config.nesterov and config.momentum > 0,
         fused=config.fused or None,
     )
-    steps_per_epoch = len(train_loader)
-    total_steps = config.epochs * steps_per_epoch
-    stateful = {
-        "model": model,
-        "optimizer": optimizer,
-        "scheduler": lr_scheduler(optimizer, config.schedule, total_steps),
-        "scaler": grad_scaler(device, config.amp),
-        "lookahead": Lookahead(model, config.lookahead, total_steps) if config.lookahead else None,
-        "watch": TrainingWatch(
-            config.collapse_steps, config.stuck_steps, num_classes, device, world
-        ),
-        "run": RunState(train_loader, world),
-    }
-    scheduler, scaler, lookahead = stateful["scheduler"], stateful["scaler"], stateful["lookahead"]
-    watch, run = stateful["watch"], stateful["run"]
-    step_model = wrap_model(model, device, world, config.compile)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    record = {
-        **dataclasses.asdict(config),
-        "out": str(run_dir),
-        "num_classes": num_classes,
-        "in_channels": train_loader.images.shape[1],
-        "parameters": count_parameters(model),
-        "environment": environment(device),
-        "world_size": world.size,
-    }
+    total_steps = config.epochs * len(train_loader)
+    run = Run(
+        config=config,
+        dir=run_dir,
+        world=world,
+        device=device,
+        log=log,
+        began=began,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        eval_key=f"{eval_split}_acc",
+        model=model,
+        step_model=wrap_model(model, device, world, config.compile),
+        optimizer=optimizer,
+        scheduler=lr_scheduler(optimizer, config.schedule, total_steps),
+        scaler=grad_scaler(device, config.amp),
+        lookahead=Lookahead(model, config.lookahead, total_steps) if config.lookahead else None,
+        watch=TrainingWatch(config.collapse_steps, config.stuck_steps, num_classes, device, world),
+        state=RunState(train_loader, world),
+        record={
+            **dataclasses.asdict(config),
+            "out": str(run_dir),
+            "num_classes": num_classes,
+            "in_channels": train_loader.images.shape[1],
+            "parameters": count_parameters(model),
+            "environment": environment(device),
+            "world_size": world.size,
+        },
+    )
     if resume:
-        restore(run_dir, stateful, config)
-        log(f"nin: resuming {run_dir} at epoch {run.epoch}, step {run.step}")
+        restore(run)
+        log(f"nin: resuming {run_dir} at epoch {run.state.epoch}, step {run.state.step}")
     elif world.main:
-        write_json(run_dir / CONFIG, record)
+        write_json(run_dir / CONFIG, run.record)
     if world.main:  # the log holds exactly the epochs the checkpoint holds: none twice or lost
-        write_history(run_dir, run.history)
+        write_history(run_dir, run.state.history)
+    return run
 
-    evaluation = None
-    for epoch in range(run.epoch, config.epochs + 1):
-        model.train()
-        skip, run.step = run.step, 0
-        train_loader.order_generator.set_state(run.order)  # this epoch's order, drawn again
-        start = time.perf_counter() - run.epoch_seconds
-        # The bar shows on a terminal only (disable=None), so logs stay clean.
-        bar = tqdm(
-            train_loader.batches(skip),
-            f"epoch {epoch}/{config.epochs}",
-            total=steps_per_epoch,
-            initial=skip,
-            leave=False,
-            disable=None if world.main else True,
-        )
-        for step, (x, y) in enumerate(bar, start=skip + 1):
-            logits = train_step(step_model, x, y, optimizer, loss_fn, config.amp, scaler)
-            if scheduler:
-                scheduler.step()
-            global_step = (epoch - 1) * steps_per_epoch + step
-            if lookahead:
-                lookahead.step(model, global_step)
-            # Sums stay on the device: the watch reads them once per window, never per step.
-            batch_loss = F.cross_entropy(logits.float(), y, reduction="sum")  # unsmoothed
-            batch_correct = (logits.argmax(1) == y).sum()
-            run.loss_sum += batch_loss
-            run.correct += batch_correct
-            if watch.update(logits, batch_loss, batch_correct):
-                raise watch.error(epoch, config.lr, run_dir / LAST)
-            every = config.checkpoint_every
-            if every and global_step % every == 0 and step < steps_per_epoch:
-                run.step, run.epoch_seconds = step, time.perf_counter() - start
-                checkpoint(run_dir, stateful, config, epoch)
 
-        # The epoch's metrics: the chapter's loss, train and test accuracy, examples/sec.
-        n = train_loader.num_examples * world.size
-        row = {
-            "epoch": epoch,
-            "loss": all_reduce(run.loss_sum, world).item() / n,
-            "train_acc": all_reduce(run.correct, world).item() / n,
-        }
-        seconds = time.perf_counter() - start
-        run.loss_sum.zero_(), run.correct.zero_()
-        if watch.poll():  # it has seen every batch's loss, so a non-finite one too
-            raise watch.error(epoch, config.lr, run_dir / LAST)
-        broadcast_buffers(model, world)  # every process evaluates rank 0's model
-        eval_start = time.perf_counter()
-        evaluation = evaluate(model, eval_loader, num_classes, config.amp, world=world)
-        row[eval_key] = evaluation.accuracy
-        row |= {
-            "examples_per_sec": n / seconds,
-            "epoch_seconds": seconds,
-            "eval_seconds": time.perf_counter() - eval_start,
-            # Since the run began (setup included), counting only time spent running it.
-            "elapsed_seconds": run.elapsed + time.perf_counter() - began,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        run.history.append(row)
-        run.epoch, run.step, run.epoch_seconds = epoch + 1, 0, 0.0
-        run.order = train_loader.order_generator.get_state()  # the next epoch's order
-        if world.main:
-            write_history(run_dir, run.history)
-            if row[eval_key] > run.best_acc:
-                run.best_acc = row[eval_key]
-                meta = {"model": config.model, "epoch": str(epoch), eval_key: str(row[eval_key])}
-                save_tensors(run_dir / BEST, model.state_dict(), meta)
-        checkpoint(run_dir, stateful, config, epoch)
-        log(
-            f"epoch {epoch}/{config.epochs}: loss {row['loss']:.3f}, train acc "
-            f"{row['train_acc']:.3f}, {eval_split} acc {row[eval_key]:.3f}, "
-            f"{row['examples_per_sec']:.1f} examples/sec"
-        )
+def end_epoch(run: Run, epoch: int, seconds: float) -> None:
+    """The epoch's row (the chapter's loss, train and eval accuracy, examples/sec), the best
+    weights so far, a checkpoint, and the line the chapter prints."""
+    state, world, key = run.state, run.world, run.eval_key
+    n = run.train_loader.num_examples * world.size
+    loss = all_reduce(state.loss_sum, world).item() / n
+    train_acc = all_reduce(state.correct, world).item() / n
+    state.loss_sum.zero_(), state.correct.zero_()
+    if run.watch.poll():  # it has seen every batch's loss, so a non-finite one too
+        raise run.watch.error(epoch, run.config.lr, run.dir / LAST)
+    broadcast_buffers(run.model, world)  # every process evaluates rank 0's model
+    eval_start = time.perf_counter()
+    num_classes = run.record["num_classes"]
+    run.evaluation = evaluate(run.model, run.eval_loader, num_classes, run.config.amp, world=world)
+    accuracy = run.evaluation.accuracy
+    row = {
+        "epoch": epoch,
+        "loss": loss,
+        "train_acc": train_acc,
+        key: accuracy,
+        "examples_per_sec": n / seconds,
+        "epoch_seconds": seconds,
+        "eval_seconds": time.perf_counter() - eval_start,
+        # Since the run began (setup included), counting only time spent running it.
+        "elapsed_seconds": state.elapsed + time.perf_counter() - run.began,
+        "lr": run.optimizer.param_groups[0]["lr"],
+    }
+    state.history.append(row)
+    state.epoch, state.step, state.epoch_seconds = epoch + 1, 0, 0.0
+    state.order = run.train_loader.order_generator.get_state()  # the next epoch's order
+    if world.main:
+        write_history(run.dir, state.history)
+        if accuracy > state.best_acc:
+            state.best_acc = accuracy
+            meta = {"model": run.config.model, "epoch": str(epoch), key: str(accuracy)}
+            save_tensors(run.dir / BEST, run.model.state_dict(), meta)
+    checkpoint(run, epoch)
+    run.log(
+        f"epoch {epoch}/{run.config.epochs}: loss {loss:.3f}, train acc {train_acc:.3f}, "
+        f"{key.replace('_', ' ')} {accuracy:.3f}, {n / seconds:.1f} examples/sec"
+    )
 
-    # The final evaluation: with test-time augmentation if asked, and again if the run was
-    # killed after its last checkpoint but before these files.
+
+def finish_run(run: Run) -> dict:
+    """The final evaluation (with test-time augmentation if asked), the weights, config.json
+    with the result, the curves, and the chapter's closing line."""
+    config, history, key, world = run.config, run.state.history, run.eval_key, run.world
+    evaluation = run.evaluation
+    # Again with test-time augmentation, or if killed after the last checkpoint but before these
+    # files.
     if evaluation is None or config.tta:
-        broadcast_buffers(model, world)
-        evaluation = evaluate(model, eval_loader, num_classes, config.amp, config.tta, world=world)
-    final = {**run.history[-1], eval_key: evaluation.accuracy}
-    train_seconds = sum(row["epoch_seconds"] for row in run.history)
-    speed = len(run.history) * train_loader.num_examples * world.size / train_seconds
-    record["result"] = {
-        "wall_seconds": run.elapsed + time.perf_counter() - began,
-        "loss": final["loss"],
-        "train_acc": final["train_acc"],
-        eval_key: final[eval_key],
+        broadcast_buffers(run.model, world)
+        num_classes = run.record["num_classes"]
+        evaluation = evaluate(run.model, run.eval_loader, num_classes, config.amp, config.tta,
+                              world=world)  # fmt: skip
+    train_seconds = sum(row["epoch_seconds"] for row in history)
+    examples = run.train_loader.num_examples * world.size
+    speed = len(history) * examples / train_seconds
+    run.record["result"] = result = {
+        "wall_seconds": run.state.elapsed + time.perf_counter() - run.began,
+        "loss": history[-1]["loss"],
+        "train_acc": history[-1]["train_acc"],
+        key: evaluation.accuracy,
         "examples_per_sec": speed,
         "train_seconds": train_seconds,
         "per_class_acc": evaluation.per_class,
         "tta": config.tta,
-        f"{eval_key}_no_tta": run.history[-1][eval_key],
+        f"{key}_no_tta": history[-1][key],
     }
     if world.main:  # the weights are finite: the last checkpoint checked them before saving
-        save_checkpoint(run_dir, model, record)
+        save_checkpoint(run.dir, run.model, run.record)
         title = f"{config.model}, preset {config.preset}"
-        save_figure(curves_figure(run.history, title), run_dir / "curves.png")
-    log(f"saved {run_dir / WEIGHTS}, metrics.jsonl, curves.png")
+        save_figure(curves_figure(history, title), run.dir / "curves.png")
+    run.log(f"saved {run.dir / WEIGHTS}, metrics.jsonl, curves.png")
     tta = f" (test-time augmentation: {TTA_LEVELS[config.tta]})" if config.tta else ""
-    log(  # the chapter's closing line
-        f"loss {final['loss']:.3f}, train acc {final['train_acc']:.3f}, "
-        f"{eval_split} acc {final[eval_key]:.3f}{tta}, {speed:.1f} examples/sec on {device}"
+    run.log(  # the chapter's closing line
+        f"loss {result['loss']:.3f}, train acc {result['train_acc']:.3f}, "
+        f"{key.replace('_', ' ')} {result[key]:.3f}{tta}, {speed:.1f} examples/sec on {run.device}"
     )
     close_world(world)
     return {
-        **record["result"],
-        "device": str(device),
-        "run_dir": str(run_dir),
-        "history": run.history,
-        "train_examples": train_loader.num_examples * world.size,
-        "model": model,
+        **result,
+        "device": str(run.device),
+        "run_dir": str(run.dir),
+        "history": history,
+        "train_examples": examples,
+        "model": run.model,
     }
 
 
@@ -376,28 +436,26 @@ def train_step(
     return logits.detach()
 
 
-def checkpoint(run_dir: Path, stateful: dict[str, Any], config: TrainConfig, epoch: int) -> None:
+def checkpoint(run: Run, epoch: int) -> None:
     """Save every piece's state to last.safetensors (collective; rank 0 writes), never weights
     from after a divergence."""
-    watch = stateful["watch"]
-    if watch.poll(stateful["model"]):
-        raise watch.error(epoch, config.lr, run_dir / LAST)
-    state = {k: v.state_dict() for k, v in stateful.items() if v is not None}
-    if stateful["run"].world.main:
-        save_state(run_dir / LAST, config.model, state)
+    if run.watch.poll(run.model):
+        raise run.watch.error(epoch, run.config.lr, run.dir / LAST)
+    state = {k: v.state_dict() for k, v in run.stateful().items()}
+    if run.world.main:
+        save_state(run.dir / LAST, run.config.model, state)
 
 
-def restore(run_dir: Path, stateful: dict[str, Any], config: TrainConfig) -> None:
+def restore(run: Run) -> None:
     """Load last.safetensors into every piece of the run; temporary files of a save the kill
     cut short go."""
-    path = run_dir / LAST
-    state = load_state(path, config.model)
-    if state["run"]["epoch"] > config.epochs and (run_dir / WEIGHTS).exists():
-        raise NinError(f"{run_dir}: this run has already finished all {config.epochs} epochs")
+    path = run.dir / LAST
+    state = load_state(path, run.config.model)
+    if state["run"]["epoch"] > run.config.epochs and (run.dir / WEIGHTS).exists():
+        raise NinError(f"{run.dir}: this run has already finished all {run.config.epochs} epochs")
     try:
-        for key, piece in stateful.items():
-            if piece is not None:
-                piece.load_state_dict(state[key])
+        for key, piece in run.stateful().items():
+            piece.load_state_dict(state[key])
     except NinError as e:
         raise NinError(f"{path}: {e}") from None
     except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as e:
@@ -405,8 +463,8 @@ def restore(run_dir: Path, stateful: dict[str, Any], config: TrainConfig) -> Non
             f"{path}: training state incomplete or does not fit this run ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); start a new run with another --out"
         ) from None
-    if stateful["run"].world.main:
-        for leftover in run_dir.glob(".*.tmp"):
+    if run.world.main:
+        for leftover in run.dir.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
 
 
