@@ -1,6 +1,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 import nin
 from nin.models import count_parameters, model_info, nin_block, xavier_init_
@@ -31,12 +32,141 @@ def test_nin_d2l_matches_the_chapter():
     assert shapes == CHAPTER_SHAPES
 
 
+def describe(module: nn.Module):
+    """A layer's whole configuration as plain values (a block: the tuple of its layers'), so
+    that a changed padding, stride, width, pooling mode or dropout rate shows, not only a
+    changed output shape."""
+    if isinstance(module, nn.Sequential):
+        return tuple(describe(m) for m in module)
+    if isinstance(module, nn.Conv2d):
+        return (
+            "Conv2d", module.in_channels, module.out_channels, module.kernel_size,
+            module.stride, module.padding, module.dilation, module.groups,
+            module.bias is not None, module.padding_mode,
+        )  # fmt: skip
+    if isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
+        extra = (
+            (_pair(module.dilation), module.return_indices)
+            if isinstance(module, nn.MaxPool2d)
+            else (module.count_include_pad, module.divisor_override)
+        )
+        return (
+            type(module).__name__, _pair(module.kernel_size), _pair(module.stride),
+            _pair(module.padding), module.ceil_mode, *extra,
+        )  # fmt: skip
+    if isinstance(module, nn.BatchNorm2d):
+        norm = (module.eps, module.momentum, module.affine, module.track_running_stats)
+        return ("BatchNorm2d", module.num_features, *norm)
+    if isinstance(module, nn.Dropout):
+        return ("Dropout", module.p)
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return ("AdaptiveAvgPool2d", _pair(module.output_size))
+    if isinstance(module, nn.Flatten):
+        return ("Flatten", module.start_dim, module.end_dim)
+    if type(module) is nn.ReLU:
+        return ("ReLU",)
+    raise AssertionError(f"no description of {module!r}")
+
+
+def conv(c_in: int, c_out: int, k: int = 1, s: int = 1, p: int = 0, bias: bool = True) -> tuple:
+    """A plain convolution's description: square window, zero padding."""
+    return ("Conv2d", c_in, c_out, (k, k), (s, s), (p, p), (1, 1), 1, bias, "zeros")
+
+
+def block(c_in: int, widths: tuple[int, int, int], k: int, s: int, p: int) -> tuple:
+    """A NiN block: a k×k convolution, then two 1×1 convolutions, each followed by ReLU."""
+    a, b, c = widths
+    relu = ("ReLU",)
+    return (conv(c_in, a, k, s, p), relu, conv(a, b), relu, conv(b, c), relu)
+
+
+def normed_block(c_in: int, c_out: int, k: int, p: int, bare_end: bool = False) -> tuple:
+    """A NiN block with batch norm: each convolution unbiased, then BatchNorm and ReLU; with
+    `bare_end` the last 1×1 convolution stands alone (biased, no norm, no ReLU)."""
+
+    def unit(c: int, kernel: int, pad: int) -> list[tuple]:
+        norm = ("BatchNorm2d", c_out, 1e-5, 0.1, True, True)
+        return [conv(c, c_out, kernel, 1, pad, bias=False), norm, ("ReLU",)]
+
+    last = [conv(c_out, c_out)] if bare_end else unit(c_out, 1, 0)
+    return (*unit(c_in, k, p), *unit(c_out, 1, 0), *last)
+
+
+def pool(kind: str, ceil: bool) -> tuple:
+    """A 3×3 pooling of stride 2 (Caffe rounds its output size up: `ceil`)."""
+    if kind == "max":
+        return ("MaxPool2d", (3, 3), (2, 2), (0, 0), ceil, (1, 1), False)
+    return ("AvgPool2d", (3, 3), (2, 2), (0, 0), ceil, True, None)
+
+
+DROPOUT = ("Dropout", 0.5)
+GAP = (("AdaptiveAvgPool2d", (1, 1)), ("Flatten", 1, -1))
+
+# Written out from the sources, not from nin.models, so that a slip there shows here.
+LAYOUTS = {
+    # The chapter's code: nin_block(1, 96, 11, 4, 0), MaxPool2d(3, stride=2), nin_block(96,
+    # 256, 5, 1, 2), ..., Dropout(0.5), nin_block(384, 10, 3, 1, 1), AdaptiveAvgPool2d, Flatten.
+    "nin_d2l": [
+        block(1, (96, 96, 96), 11, 4, 0), pool("max", False),
+        block(96, (256, 256, 256), 5, 1, 2), pool("max", False),
+        block(256, (384, 384, 384), 3, 1, 1), pool("max", False),
+        DROPOUT,
+        block(384, (10, 10, 10), 3, 1, 1),
+        *GAP,
+    ],
+    # The CPU default (README): the chapter's structure at 28×28, 48/96/192 channels, a 5×5
+    # first window, batch norm, and a last block ending in bare logits.
+    "nin_compact": [
+        normed_block(1, 48, 5, 2), pool("max", False),
+        normed_block(48, 96, 3, 1), pool("max", False),
+        normed_block(96, 192, 3, 1), pool("max", False),
+        DROPOUT,
+        normed_block(192, 10, 3, 1, bare_end=True),
+        *GAP,
+    ],
+    # The authors' Caffe CIFAR-10 net: conv1 192 5×5 pad 2, cccp1 160, cccp2 96, max pool 3/2,
+    # dropout; conv2 192 5×5 pad 2, cccp3 192, cccp4 192, average pool 3/2, dropout; conv3 192
+    # 3×3 pad 1, cccp5 192, cccp6 10 (each with ReLU), global average pool.
+    "nin_cifar": [
+        block(3, (192, 160, 96), 5, 1, 2), pool("max", True), DROPOUT,
+        block(96, (192, 192, 192), 5, 1, 2), pool("avg", True), DROPOUT,
+        block(192, (192, 192, 10), 3, 1, 1),
+        *GAP,
+    ],
+    # The CIFAR-10 structure at half its widths (the paper: "fewer feature maps").
+    "nin_mnist": [
+        block(1, (96, 80, 48), 5, 1, 2), pool("max", True), DROPOUT,
+        block(48, (96, 96, 96), 5, 1, 2), pool("avg", True), DROPOUT,
+        block(96, (96, 96, 10), 3, 1, 1),
+        *GAP,
+    ],
+    # The authors' ImageNet model: conv1 96 11×11 stride 4, cccp1 96, cccp2 96, max pool 3/2;
+    # conv2 256 5×5 pad 2, cccp3-4 256, max pool; conv3 384 3×3 pad 1, cccp5-6 384, max pool,
+    # dropout; conv4 1024 3×3 pad 1, cccp7 1024, cccp8 1000, global average pool.
+    "nin_imagenet": [
+        block(3, (96, 96, 96), 11, 4, 0), pool("max", True),
+        block(96, (256, 256, 256), 5, 1, 2), pool("max", True),
+        block(256, (384, 384, 384), 3, 1, 1), pool("max", True), DROPOUT,
+        block(384, (1024, 1024, 1000), 3, 1, 1),
+        *GAP,
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_every_layers_configuration_is_the_sources(name):
+    with torch.device("meta"):  # the layout only: no weights allocated
+        net = nin.create_model(name)
+    assert [describe(m) for m in net] == LAYOUTS[name]
+
+
 def test_nin_d2l_blocks_are_the_chapters():
     net = nin.create_model("nin_d2l")
     first = net[0]
     kinds = [type(m) for m in first]
     assert kinds == [nn.Conv2d, nn.ReLU] * 3
     assert first[0].kernel_size == (11, 11) and first[0].stride == (4, 4)
+    assert first[0].padding == (0, 0)  # padding 1 still gives 54×54: (224 + 2 - 11) // 4 + 1
     assert [m.kernel_size for m in first if isinstance(m, nn.Conv2d)][1:] == [(1, 1), (1, 1)]
     assert isinstance(net[6], nn.Dropout) and net[6].p == 0.5
 

@@ -1,5 +1,6 @@
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -199,10 +200,21 @@ def test_fast_path_follows_the_plain_paths_loss(data_dir):
     assert losses[False][-1] < losses[False][0]
 
 
+# Every way Python code can wait for the device: read a value back (item, tolist, cpu, numpy,
+# and bool/int/float/index of a tensor, as `if loss > x:` or `range(n)` do), or ask for a result
+# whose size depends on the values (nonzero, a boolean mask as an index). len() and .shape are
+# metadata, not reads.
+HOST_READS = (
+    "item", "tolist", "cpu", "numpy", "__array__",
+    "__bool__", "__int__", "__float__", "__index__", "__complex__",
+    "nonzero",
+)  # fmt: skip
+
+
 def count_host_reads(monkeypatch) -> list[str]:
-    """Record every tensor-to-host read (item, tolist, cpu) made from now on."""
+    """Record every tensor-to-host read (see HOST_READS) made from now on, by name."""
     reads = []
-    for name in ("item", "tolist", "cpu"):
+    for name in HOST_READS:
         original = getattr(torch.Tensor, name)
 
         def spy(self, *args, _name=name, _original=original, **kwargs):
@@ -210,22 +222,64 @@ def count_host_reads(monkeypatch) -> list[str]:
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
+    original_nonzero = torch.nonzero
+
+    def nonzero(*args, **kwargs):
+        reads.append("torch.nonzero")
+        return original_nonzero(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "nonzero", nonzero)
+
+    def masked(index) -> bool:
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts)
+
+    for name in ("__getitem__", "__setitem__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, index, *value, _name=name, _original=original):
+            if masked(index):
+                reads.append(f"mask {_name}")
+            return _original(self, index, *value)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
     return reads
+
+
+def test_the_host_read_spy_sees_every_kind_of_read(monkeypatch):
+    t, mask = torch.ones(3), torch.tensor([True, False, True])
+    with monkeypatch.context() as patch:
+        reads = count_host_reads(patch)
+        _ = len(t), t.shape, t + 1, t[1:], t[torch.tensor([0, 2])]  # no reads
+        t[0] = 1
+        assert reads == []
+        if t.sum() > 0:  # bool
+            pass
+        _ = int(t[0]), float(t[0]), range(t[0].long()), t.sum().item(), t.tolist()
+        _ = t.cpu(), t.numpy(), t.nonzero(), torch.nonzero(t), t[mask]
+        t[mask] = 0
+    assert reads == [
+        "__bool__", "__int__", "__float__", "__index__", "item", "tolist", "cpu", "numpy",
+        "nonzero", "torch.nonzero", "mask __getitem__", "mask __setitem__",
+    ]  # fmt: skip
 
 
 def test_no_host_sync_per_step(data_dir, tmp_path, monkeypatch):
     counts = {}
     for steps in (4, 8):
+        # Flips and crops too: the augmentation runs in every step.
         config = make_config(
             "compact", data_dir=str(data_dir), out=str(tmp_path / str(steps)),
             train_subset=128 * steps, test_subset=256, epochs=1, batch_size=128,
+            flip=True, crop_padding=2,
         )  # fmt: skip
         with monkeypatch.context() as patch:
             reads = count_host_reads(patch)
             train(config, log=lambda line: None)
-        counts[steps] = len(reads)
-    # Reads happen per epoch (metrics, checkpoint), never per step: twice the steps, same count.
-    assert counts[4] == counts[8] > 0
+        counts[steps] = Counter(reads)
+    # Reads happen per epoch (metrics, checkpoint, the watch's poll), never per step: twice the
+    # steps, the same reads of each kind.
+    assert counts[4] == counts[8] and counts[4], counts
 
 
 def test_collapse_stops_the_run_early_with_a_clear_message(data_dir, tmp_path, monkeypatch):
