@@ -44,7 +44,9 @@ class Prediction:
         }
 
 
-def read_image(data: bytes, name: str = "upload") -> Image.Image:
+def read_image(
+    data: bytes, name: str = "upload", formats: tuple[str, ...] = ("PNG", "JPEG")
+) -> Image.Image:
     """Decode PNG/JPEG bytes into a Pillow image, refusing empty, huge or non-image input."""
     if not data:
         raise NinError(f"{name}: empty file; give a PNG or JPEG image")
@@ -57,7 +59,7 @@ def read_image(data: bytes, name: str = "upload") -> Image.Image:
         with warnings.catch_warnings():  # our own pixel limit speaks, in one line
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # JPEG includes phone photos with an MPF block (Pillow calls them MPO).
-            image = Image.open(io.BytesIO(data), formats=("PNG", "JPEG"))  # the header only
+            image = Image.open(io.BytesIO(data), formats=formats)  # the header only
             if image.width * image.height > MAX_PIXELS:
                 raise NinError(
                     f"{name}: {image.width}×{image.height} pixels is over the "
@@ -69,13 +71,13 @@ def read_image(data: bytes, name: str = "upload") -> Image.Image:
             f"{name}: over the {MAX_PIXELS:,}-pixel limit; give a smaller image"
         ) from None
     except UnidentifiedImageError:
-        raise NinError(f"{name}: not a PNG or JPEG image") from None
+        raise NinError(f"{name}: not a {' or '.join(formats)} image") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt image data
         raise NinError(f"{name}: cannot decode the image ({e}); is the file complete?") from None
     return ImageOps.exif_transpose(image)  # photos from phones are often stored rotated
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
+def open_image(path: str | os.PathLike, formats: tuple[str, ...] = ("PNG", "JPEG")) -> Image.Image:
     """Read an image file (see `read_image`), checking its size before reading it."""
     path = Path(path)
     if not path.is_file():  # a device, a FIFO or /dev/stdin would read forever
@@ -85,7 +87,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             data = f.read(MAX_BYTES + 1)  # read_image refuses anything over the limit
     except OSError as e:
         raise NinError(f"{path}: cannot be read ({e.strerror or e})") from None
-    return read_image(data, str(path))
+    return read_image(data, str(path), formats)
 
 
 def image_files(paths: list[str]) -> list[tuple[str, Path | NinError]]:
