@@ -37,8 +37,8 @@ from report import machine, write_section
 
 from nin.checkpoint import load_checkpoint
 from nin.config import make_config
-from nin.data import make_loader
 from nin.evaluate import evaluate
+from nin.loaders import make_loader
 from nin.models import create_model
 from nin.resources import leaf_rows, summarize
 

@@ -8,10 +8,10 @@ import torch
 
 from nin.checkpoint import load_checkpoint
 from nin.config import TrainConfig, make_config
-from nin.data import make_loader
 from nin.device import place_model
 from nin.errors import NinError
 from nin.evaluate import accuracy, evaluate
+from nin.loaders import make_loader
 from nin.train import train
 
 QUICK = dict(train_subset=5000, test_subset=1000, epochs=2, batch_size=128)

@@ -105,9 +105,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Reload a checkpoint and print its test accuracy, overall and per class."""
     from nin.checkpoint import load_checkpoint
     from nin.config import saved_config
-    from nin.data import dataset_spec, make_loader
     from nin.device import pick_device, place_model
     from nin.evaluate import evaluate
+    from nin.loaders import make_loader
     from nin.models import check_input
 
     model, saved = load_checkpoint(args.checkpoint)
@@ -119,8 +119,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     place_model(model, device, config.channels_last)
     check_input(model, test_loader.prepare(test_loader.images[:1]), config.model)
     result = evaluate(model, test_loader, saved["num_classes"], config.amp, config.tta)
-    classes = dataset_spec(config.dataset).classes
-    print(f"{config.model} on {config.dataset} test split ({test_loader.num_examples} images)")
+    classes = test_loader.classes
+    where = f"{config.data or config.dataset} test split ({test_loader.num_examples} images)"
+    print(f"{config.model} on {where}" + (f"; {test_loader.note}" if test_loader.note else ""))
     for name, acc in zip(classes, result.per_class, strict=True):
         print(f"  {name:<12} {acc:.3f}")
     print(f"test acc {result.accuracy:.4f}")

@@ -46,6 +46,21 @@ class TrainConfig:
     preset: str = setting("compact", "the recipe to start from")
     model: str = setting("nin_compact", "a registered model (see `nin models`)")
     dataset: str = setting("fashion-mnist", "the data set", choices=sorted(DATASETS))
+    data: str | None = setting(
+        None,
+        "a folder of your own images instead of --dataset: one subfolder per class, or train/ "
+        "and val/ (and test/) folders of those",
+        metavar="DIR",
+    )
+    channels: int | None = setting(
+        None, "with --data: 1 (grey) or 3 (colour); default: from the images", choices=(1, 3)
+    )
+    loader: str = setting(
+        "auto",
+        "with --data: keep the images on the device (resident), read each batch from the disk "
+        "cache (stream), or resident when they take under half the free memory (auto)",
+        choices=("auto", "resident", "stream"),
+    )
     epochs: int = setting(10, "passes over the training set")
     lr: float = setting(0.1, "learning rate (the peak, with a schedule)")
     batch_size: int = setting(128, "examples per step (the global batch under torchrun)")
@@ -184,6 +199,12 @@ def check_config(config: TrainConfig) -> TrainConfig:
             create_model(config.model, **config.model_kwargs)
     except (TypeError, ValueError) as e:
         raise NinError(f"--model-kwargs do not fit {config.model!r} ({e})") from None
+    if config.data and config.resize is None:  # an image folder is decoded at the model's size
+        config.resize = model_info(config.model).input_size[-1]
+    if config.channels not in (None, 1, 3):
+        raise NinError(f"--channels must be 1 or 3, got {config.channels}")
+    if config.loader not in ("auto", "resident", "stream"):
+        raise NinError(f"unknown --loader {config.loader!r}; choose auto, resident or stream")
     for name in ("holdout", "collapse_steps", "stuck_steps", "checkpoint_every", "crop_padding"):
         if getattr(config, name) < 0:
             raise NinError(f"--{flag(name)} must be 0 or more, got {getattr(config, name)}")

@@ -36,7 +36,7 @@ from nin.errors import NinError
 from nin.files import atomic_path, no_empty_dirs_left
 
 if TYPE_CHECKING:
-    from nin.distributed import World
+    pass
 
 IDX_DTYPES = {0x08: torch.uint8}
 CIFAR_SIDE = 32
@@ -138,6 +138,11 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "cifar10": CIFAR10,
 }
+
+
+def classes_of(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The class names of a saved run: its own (an image folder's), or its data set's."""
+    return tuple(config.get("classes") or dataset_spec(config["dataset"]).classes)
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -440,12 +445,17 @@ class Preprocess:
     @classmethod
     def for_run(cls, config: Mapping[str, Any]) -> Preprocess:
         """The preprocessing of a run, from its config (a config.json, or `vars(TrainConfig)`)."""
-        spec = dataset_spec(config["dataset"])
+        if config.get("data"):  # an image folder: its run saved its own statistics
+            mean, std, side = config.get("mean"), config.get("std"), config["resize"]
+        else:
+            spec = dataset_spec(config["dataset"])
+            mean, std, side = spec.mean, spec.std, config.get("resize") or spec.side
         normalize = bool(config.get("normalize"))
+        mean, std = (tuple(v) if isinstance(v, list) else v for v in (mean, std))  # from JSON
         return cls(
-            config.get("resize") or spec.side,
-            spec.mean if normalize else None,
-            spec.std if normalize else None,
+            side,
+            mean if normalize else None,
+            std if normalize else None,
             bool(config.get("channels_last")),
         )
 
@@ -486,12 +496,17 @@ class DeviceLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        classes: tuple[str, ...] = (),
+        workers: int = 0,
     ) -> None:
         if batch_size < 1:
             raise NinError(f"batch size must be at least 1, got {batch_size}")
         self.device = torch.device(device)
-        self.images = images.to(self.device)
+        self.images = images.to(self.device)  # images streamed from disk stay there
+        self.stream = not isinstance(self.images, torch.Tensor)
         self.labels = labels.to(self.device)
+        self.classes, self.workers = classes, workers
+        self.note = ""  # where the images are kept, when that was chosen
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.preprocess = preprocess or Preprocess()
@@ -522,18 +537,26 @@ class DeviceLoader:
         """One pass over this rank's shard, leaving out the first `skip` batches (a resume)."""
         n = len(self.labels)
         if self.shuffle:
-            order = torch.randperm(n, generator=self.order_generator).to(self.device)
+            order = torch.randperm(n, generator=self.order_generator)
             order = order[: self.num_examples * self.world_size]
         else:
-            order = torch.arange(n, device=self.device)
-        order = order[self.rank :: self.world_size]
-        for start in range(skip * self.batch_size, len(order), self.batch_size):
+            order = torch.arange(n)
+        order = order[self.rank :: self.world_size][skip * self.batch_size :]
+        if self.stream:  # read from the disk by a DataLoader's workers
+            read = batches_from_disk(self.images, order, self.batch_size, self.workers)
+            for start, batch in zip(range(0, len(order), self.batch_size), read, strict=True):
+                index = order[start : start + self.batch_size].to(self.device)
+                yield self.prepare(batch), self.labels[index]
+            return
+        order = order.to(self.device)
+        for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.prepare(self.images[index]), self.labels[index]
 
     def prepare(self, batch: torch.Tensor, augment: bool = True) -> torch.Tensor:
         """uint8 (B, C, H, W) -> the model's input, augmented as configured (unless not
         `augment`)."""
+        batch = batch.to(self.device, non_blocking=True)
         return self.preprocess(batch, self.augment if augment else None)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -551,56 +574,6 @@ class DeviceLoader:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Put back a state from `state_dict`."""
         self.augment_generator.set_state(state["augment"])
-
-
-def make_loader(
-    config: Any, split: str, device: torch.device, world: World | None = None
-) -> DeviceLoader:
-    """The loader of one split on `device` for a `nin.config.TrainConfig` (not imported here:
-    the config module checks data set names against this one): shuffled and augmented for
-    train, plain otherwise.
-
-    `split` is "train", "test", or "val": the last `config.holdout` training examples, which
-    the "train" split then leaves out. Under torchrun each process gets its shard of every
-    batch: `config.batch_size` is the global batch.
-    """
-    rank, size = (world.rank, world.size) if world else (0, 1)
-    if config.batch_size % size:
-        raise NinError(
-            f"--batch-size {config.batch_size} must divide evenly among the {size} "
-            "processes (it is the global batch)"
-        )
-    images, labels = load_split(
-        config.dataset, "test" if split == "test" else "train", config.data_dir
-    )
-    if split != "test" and not 0 <= config.holdout < len(labels):
-        raise NinError(f"--holdout must be in [0, {len(labels)}), got {config.holdout}")
-    training = split == "train"
-    if split == "val":
-        images, labels = images[-config.holdout :], labels[-config.holdout :]
-    elif training:
-        keep = len(labels) - config.holdout
-        images, labels = images[:keep][: config.train_subset], labels[:keep][: config.train_subset]
-        if config.batch_size > len(labels):
-            raise NinError(
-                f"--batch-size {config.batch_size} is larger than the {len(labels)} training "
-                "examples; use a smaller --batch-size"
-            )
-    else:
-        images, labels = images[: config.test_subset], labels[: config.test_subset]
-    return DeviceLoader(
-        images,
-        labels,
-        config.batch_size // size,
-        device=device,
-        shuffle=training,
-        preprocess=Preprocess.for_run(vars(config)),
-        flip=config.flip and training,
-        crop_padding=config.crop_padding if training else 0,
-        seed=config.seed,
-        rank=rank,
-        world_size=size,
-    )
 
 
 @functools.cache
@@ -628,3 +601,15 @@ def random_translate(x: torch.Tensor, padding: int, generator: torch.Generator) 
     batch = torch.arange(b, device=x.device)[:, None, None]
     # Advanced indexing gathers (B, H, W, C); move channels back to dim 1.
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def batches_from_disk(
+    images: torch.utils.data.Dataset, order: torch.Tensor, batch_size: int, workers: int
+) -> Iterator[torch.Tensor]:
+    """uint8 batches of `images` (a data set read from disk) in `order`, read by a
+    DataLoader's worker processes."""
+    index = [order[s : s + batch_size].tolist() for s in range(0, len(order), batch_size)]
+    loader = torch.utils.data.DataLoader(
+        images, batch_sampler=index, num_workers=workers, persistent_workers=False
+    )
+    yield from loader

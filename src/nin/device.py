@@ -77,6 +77,22 @@ def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
 
 
+def memory_budget(device: torch.device) -> int:
+    """Bytes a data set may take on `device`: half of what is free there now."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no such counter here: assume 4 GiB free
+        return 2 * 2**30
+
+
 def cpu_name() -> str:
     """The processor's model name, from /proc/cpuinfo where there is one."""
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nin.data import Preprocess, dataset_spec
+from nin.data import Preprocess, classes_of
 from nin.errors import NinError
 from nin.files import atomic_path
 
@@ -177,7 +177,7 @@ def onnx_metadata(config: dict[str, Any], shape: tuple[int, ...]) -> dict[str, s
         ),
         "nin.mean": json.dumps(preprocess.mean if preprocess.mean is not None else 0.0),
         "nin.std": json.dumps(preprocess.std if preprocess.std is not None else 1.0),
-        "nin.classes": json.dumps(list(dataset_spec(config["dataset"]).classes)),
+        "nin.classes": json.dumps(list(classes_of(config))),
     }
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 from nin.checkpoint import load_checkpoint, read_history
 from nin.config import saved_config
-from nin.data import dataset_spec, make_loader
+from nin.data import classes_of
 from nin.device import environment, pick_device, place_model
 from nin.evaluate import evaluate
 from nin.files import atomic_path, data_uri, figure_png, image_png
+from nin.loaders import make_loader
 from nin.models import check_input
 from nin.plots import confusion_figure, curves_figure
 
@@ -112,7 +113,7 @@ def build_report(
     run_dir = run_dir if run_dir.is_dir() else run_dir.parent
     found = predict_test_split(run_dir, data_dir, test_subset, device)
     config, confusion = found["config"], found["confusion"]
-    classes = dataset_spec(config["dataset"]).classes
+    classes = classes_of(config)
     n = len(found["labels"])
     acc = found["accuracy"]
     title = f"{config['model']} on {config['dataset']}"

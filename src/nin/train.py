@@ -8,6 +8,7 @@ where it stands, saved in every checkpoint so a resumed run continues bit for bi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from nin.checkpoint import (
     write_history,
 )
 from nin.config import WHERE, TrainConfig, flag, saved_config
-from nin.data import DeviceLoader, dataset_spec, make_loader
+from nin.data import DeviceLoader
 from nin.device import autocast, environment, grad_scaler, pick_device, place_model
 from nin.distributed import (
     World,
@@ -47,7 +48,9 @@ from nin.distributed import (
 from nin.errors import NinError
 from nin.evaluate import Evaluation, evaluate
 from nin.fast import TTA_LEVELS, Lookahead, init_whitening_, param_groups
-from nin.files import save_figure, write_json
+from nin.files import atomic_path, save_figure, write_json
+from nin.folders import load_folder
+from nin.loaders import make_loader
 from nin.models import check_input, count_parameters, create_model, xavier_init_
 from nin.plots import curves_figure
 from nin.presets import PRESETS
@@ -215,11 +218,14 @@ def start_run(config: TrainConfig, log: Callable[[str], None], resume: bool) -> 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(config.deterministic)
     torch.manual_seed(config.seed)
-    # With a holdout, every accuracy is validation accuracy: the test split is not read.
-    eval_split = "val" if config.holdout else "test"
+    # With a holdout or an image folder, every accuracy is validation accuracy: the test split
+    # is not read.
+    eval_split = "val" if config.holdout or config.data else "test"
     train_loader = make_loader(config, "train", device, world)
     eval_loader = make_loader(config, eval_split, device, world)
-    num_classes = len(dataset_spec(config.dataset).classes)
+    if config.data:
+        note_folder(config, run_dir, world.main, resume, log, train_loader.note)
+    num_classes = len(train_loader.classes)
     model = build_model(config, train_loader, num_classes)
     if world.active:  # the same weights everywhere (DDP broadcasts them), other dropout masks
         torch.manual_seed(config.seed + 1000 * world.rank)
@@ -252,7 +258,9 @@ def start_run(config: TrainConfig, log: Callable[[str], None], resume: bool) -> 
             **dataclasses.asdict(config),
             "out": str(run_dir),
             "num_classes": num_classes,
+            "classes": list(train_loader.classes),
             "in_channels": train_loader.images.shape[1],
+            **folder_stats(config, train_loader),
             "parameters": count_parameters(model),
             "environment": environment(device),
             "world_size": world.size,
@@ -358,12 +366,45 @@ def finish_run(run: Run) -> dict:
     }
 
 
+def note_folder(
+    config: TrainConfig, run_dir: Path, main: bool, resume: bool, log: Callable, note: str
+) -> None:
+    """Say how an image folder was read (and what was skipped: all of it in skipped.txt);
+    save the validation split carved from it (split.json), or check a resumed run's."""
+    data = load_folder(config.data, config.resize, config.channels)
+    log(f"nin: {config.data}: {len(data.classes)} classes; training images: {note}")
+    if data.skipped:
+        names = ", ".join(name for name, _ in data.skipped[:3])
+        more = ", ..." if len(data.skipped) > 3 else ""
+        log(f"nin: skipped {len(data.skipped)} unusable files ({names}{more}): see skipped.txt")
+        if main:
+            with atomic_path(run_dir / "skipped.txt") as tmp:
+                tmp.write_text("".join(f"{name}\t{why}\n" for name, why in data.skipped))
+    _, val, carved = data.train_val(config.holdout, config.seed)
+    split = {"val": [data.files[i] for i in val.tolist()]} if carved else {}
+    saved = run_dir / "split.json"
+    if resume and saved.is_file() and json.loads(saved.read_text()) != split:
+        raise NinError(
+            f"{config.data}: its images changed since {run_dir} began, so the validation split "
+            "would differ; restore them, or start a new run with another --out"
+        )
+    if split and main and not resume:
+        write_json(saved, split)
+
+
+def folder_stats(config: TrainConfig, loader: DeviceLoader) -> dict[str, Any]:
+    """What a run on an image folder must save to preprocess new images as it trained."""
+    if not config.data:
+        return {}
+    return {"mean": loader.preprocess.mean, "std": loader.preprocess.std}
+
+
 def introduction(config: TrainConfig, device: torch.device, why: str, world: World) -> str:
     """The first line a run logs: the preset, the device and why, the model and data."""
     note = PRESETS[config.preset].note if config.preset in PRESETS else "a saved config"
     line = (
         f"nin: preset {config.preset} ({note}) on {device} ({why}); "
-        f"{config.model} on {config.dataset}"
+        f"{config.model} on {config.data or config.dataset}"
     )
     if world.active:
         line += f"; {world.size} processes, global batch {config.batch_size}"

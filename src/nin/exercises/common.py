@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from nin.config import TrainConfig
-from nin.data import dataset_spec, make_loader
 from nin.evaluate import evaluate
 from nin.files import save_figure
+from nin.loaders import make_loader
 from nin.models import count_parameters
 from nin.plots import figure
 from nin.presets import PRESETS
@@ -223,7 +223,7 @@ def split_accuracy(model: nn.Module, config: TrainConfig, split: str) -> float:
     """Accuracy of a trained model on a whole split, in eval mode."""
     device = next(model.parameters()).device
     loader = make_loader(config, split, device)
-    num_classes = len(dataset_spec(config.dataset).classes)
+    num_classes = len(loader.classes)
     return evaluate(model, loader, num_classes, config.amp).accuracy
 
 
