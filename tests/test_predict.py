@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from torch import nn
 
 from nin import predict
 from nin.checkpoint import save_checkpoint
@@ -171,12 +179,12 @@ def test_checkpoint_mismatch(tmp_path: Path, capsys) -> None:
     )
     assert main(["predict", str(run), str(image)]) == 1
     assert "7 classes but fashion-mnist has 10" in capsys.readouterr().err
-    # A config whose input size its model cannot take: every image fails, one line each.
+    # A config whose input size its model cannot take: refused once, before any image.
     run = tmp_path / "small"
     save_checkpoint(run, create_model("nin_compact"), checkpoint_config(resize=6))
     assert main(["predict", str(run), str(image), str(image)]) == 1
     err = capsys.readouterr().err
-    assert "cannot take input" in err and err.count("nin: error:") == 3
+    assert "cannot take input" in err and err.count("nin: error:") == 1
     assert main(["predict", str(tmp_path / "nowhere"), str(image)]) == 1
     assert "not found" in capsys.readouterr().err
     assert main(["predict", str(image)]) == 1
@@ -230,3 +238,160 @@ def test_bundled_files_are_package_data() -> None:
         assert names == ["config.json", "metrics.json", "metrics.jsonl", "model.safetensors"]
         assert all(any(f.match(g) for g in globs) for f in files)
         assert sum((root / f).stat().st_size for f in files) < 3_000_000
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_damaged_files_are_called_damaged() -> None:
+    """A PNG with a bad checksum, or a JPEG with a broken header, is damaged, not 'not a PNG'."""
+    png = bytearray(encoded(Image.new("L", (20, 20), 128), "PNG"))
+    png[29] ^= 0xFF  # a byte of the IHDR chunk's CRC
+    with pytest.raises(NinError) as bad_crc:
+        predict.read_image(bytes(png), "x.png")
+    assert str(bad_crc.value) == (
+        "x.png: a damaged PNG file (broken PNG file (bad header checksum in b'IHDR'))"
+    )
+    jpeg = encoded(Image.new("RGB", (20, 20)), "JPEG")
+    with pytest.raises(NinError, match=r"^x.jpg: a damaged JPEG file \(.+\)$"):
+        predict.read_image(jpeg[:20], "x.jpg")
+    with pytest.raises(NinError, match=r"^x: not a PNG or JPEG image$"):
+        predict.read_image(b"GIF89a not really", "x")
+
+
+def test_pillow_warnings_never_reach_the_user() -> None:
+    """An EXIF block whose tag points past its end makes Pillow warn; nin reads it silently."""
+    tiff = b"MM\x00*\x00\x00\x00\x08" + struct.pack(">H", 2)
+    tiff += struct.pack(">HHII", 0x0112, 3, 1, 6 << 16)  # orientation 6: rotated
+    tiff += struct.pack(">HHII", 0x010E, 2, 1000, 200) + b"\x00" * 4  # 1000 bytes past the end
+    data = encoded(Image.new("RGB", (20, 10)), "JPEG", exif=b"Exif\x00\x00" + tiff)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        image = predict.read_image(data, "phone.jpg")
+    assert [str(w.message) for w in seen] == []
+    assert image.size == (10, 20)  # the orientation still applies
+
+
+def test_big_images_are_decoded_small(checkpoint: Path) -> None:
+    """A big JPEG decodes at 1/8 scale, a big PNG is reduced at once; the model input barely
+    changes (what `nin serve` relies on to bound each request's memory)."""
+    predictor = load_predictor(str(checkpoint))
+    side = predictor.decode_side
+    # Smooth content (a gradient with a shape), as photos are: noise would alias differently.
+    y, x = np.mgrid[0:1500, 0:3000]
+    base = ((x + y) * 255 // 4500).astype(np.uint8)
+    base[400:1100, 900:2100] = 255 - base[400:1100, 900:2100]
+    rgba = np.dstack([base, base[::-1], base[:, ::-1], np.full_like(base, 255)])
+    rgba[:, :300, 3] = 0  # a transparent margin: black once composited
+    cases = {
+        "JPEG": encoded(Image.fromarray(rgba[..., :3]), "JPEG", quality=95),
+        "PNG": encoded(Image.fromarray(rgba, "RGBA"), "PNG"),
+    }
+    for fmt, data in cases.items():
+        small = predict.read_image(data, fmt, shrink_to=side)
+        full = predict.read_image(data, fmt)
+        assert full.size == (3000, 1500) and side <= max(small.size) < 2 * side
+        a = predictor.to_uint8(small, invert=False)[0].int()
+        b = predictor.to_uint8(full, invert=False)[0].int()
+        assert (a - b).abs().max() <= 12 and (a - b).abs().float().mean() < 1.5, fmt
+
+
+def test_pixel_limit_is_read_from_the_header() -> None:
+    """A 7000×7000 PNG header over a lower limit is refused before a pixel is decoded."""
+    header = struct.pack(">IIBBBBB", 7000, 7000, 8, 6, 0, 0, 0)  # RGBA, 8 bits
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+    data += png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b"")
+    with pytest.raises(predict.TooLarge, match="7000×7000 pixels is over the 16,000,000-pixel"):
+        predict.read_image(data, "big.png", max_pixels=16_000_000)
+    with pytest.raises(NinError, match="cannot decode"):  # under 50 Mpx: decoding finds no data
+        predict.read_image(data, "big.png")
+
+
+class BreaksOnInk(nn.Module):
+    """A model whose outputs are finite for a blank image and NaN for any other."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        return logits + torch.where(x.amax() > x.amin(), float("nan"), 0.0)
+
+
+def test_non_finite_outputs_are_refused(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """NaN is never printed: refused at load if a blank image gives it, else for that image."""
+    image = write_png(tmp_path / "x.png", np.random.default_rng(0).integers(0, 256, (28, 28)))
+    run = tmp_path / "overflow"
+    model = create_model("nin_compact")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e30)  # finite weights whose activations overflow to inf, then NaN
+    save_checkpoint(run, model, checkpoint_config())
+    assert main(["predict", str(run), str(image)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "nin: error: model 'nin_compact' gives NaN or infinite outputs for a blank image; the "
+        "checkpoint's weights are broken (retrain, or use an earlier checkpoint)\n"
+    )
+    predictor = load_predictor(str(checkpoint))
+    fragile = Predictor(BreaksOnInk(predictor.model), predictor.config)  # passes the blank check
+    with pytest.raises(predict.NotFinite, match="NaN or infinite outputs for this image"):
+        fragile.predict(predict.open_image(image))
+
+
+def test_16_bit_and_palette_images_survive_shrinking(checkpoint: Path) -> None:
+    """Modes Pillow cannot reduce directly (16-bit grey, palette, 1-bit) are converted first."""
+    predictor = load_predictor(str(checkpoint))
+    grey16 = Image.fromarray(np.full((1200, 900), 30000, dtype=np.uint16))
+    palette = Image.new("RGB", (1200, 900), (200, 10, 10)).convert("P")
+    palette.info["transparency"] = 0
+    for image in (grey16, palette, Image.new("1", (1200, 900), 1)):
+        data = encoded(image, "PNG")
+        small = predict.read_image(data, image.mode, shrink_to=predictor.decode_side)
+        assert max(small.size) < 2 * predictor.decode_side
+        assert predictor.to_uint8(small, invert=False)[0].shape == (1, 28, 28)
+
+
+@functools.cache
+def fuzz_predictor() -> Predictor:
+    """An untrained nin_compact (hypothesis reruns a test too often for a fixture)."""
+    return Predictor(create_model("nin_compact"), checkpoint_config())
+
+
+SEEDS = {
+    "png": encoded(Image.new("RGBA", (40, 30), (10, 200, 30, 128)), "PNG"),
+    "jpeg": encoded(Image.new("RGB", (40, 30), "white"), "JPEG"),
+    "grey": encoded(Image.new("L", (600, 300), 90), "PNG"),
+}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(sorted(SEEDS)),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+    st.integers(0, 10_000),
+)
+@example("png", [(11, 5)], 0)  # an IHDR chunk 5 bytes long: Pillow raises ValueError
+def test_damaged_bytes_give_an_image_or_one_line(seed: str, flips, cut: int) -> None:
+    """Any corruption of a real PNG/JPEG: an image the pipeline takes, or a NinError; never
+    another exception (which `nin serve` would answer with a 500)."""
+    data = bytearray(SEEDS[seed])
+    for at, value in flips:
+        data[at % len(data)] = value
+    data = bytes(data[: max(1, len(data) - cut % len(data))])
+    predictor = fuzz_predictor()
+    try:
+        image = predict.read_image(data, "fuzz", shrink_to=predictor.decode_side)
+        predictor.to_uint8(image)
+    except NinError as e:
+        assert "\n" not in str(e) and str(e).startswith("fuzz: ")

@@ -1,24 +1,56 @@
 """Serve: a local web page where a person uploads or draws an image and sees the top classes.
 
 One plain HTML page (inline script and style, no frontend build) and one JSON endpoint,
-POST /predict, on FastAPI + uvicorn. Bad uploads get 400 (not an image) or 413 (too large)
-with a readable message that the page shows; the model is never asked about them.
+POST /predict, on FastAPI + uvicorn. Bad uploads get 400 (not an image), 411/413 (no length,
+too large) or 408 (too slow) with a readable one-line message that the page shows; the model
+is never asked about them.
+
+Whoever connects, the server's memory and time stay bounded:
+- a request head must arrive within HEAD_TIMEOUT and fit in MAX_HEAD_BYTES (uvicorn's h11
+  protocol times out neither a head nor a body by itself);
+- a body must declare its length (no chunked bodies, never both headers), stay under the
+  upload limit and keep flowing (BODY_IDLE_TIMEOUT, BODY_TIMEOUT); `RequestGuard` counts it
+  before FastAPI's form parser sees a byte;
+- at most MAX_CONNECTIONS connections are served (uvicorn answers 503 beyond), and at most
+  DECODE_SLOTS images are decoded at once, each at most MAX_PIXELS and shrunk while decoding
+  (`predict.read_image`); a request that waits QUEUE_TIMEOUT for a slot gets 503.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
 # run time, and those name classes imported inside create_app.
+import asyncio
+import errno
 import html
+import ipaddress
+import json
+import logging
 import socket
+import time
+import warnings
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
 from nin import predict
 from nin.errors import NinError
 from nin.files import data_uri, image_png
-from nin.predict import Predictor
+from nin.predict import NotFinite, Predictor, TooLarge
 
 TOP_K = 5
 EXTRA_FORM_BYTES = 64 * 1024  # multipart headers and boundaries around the file itself
+# A 4096×4096 RGBA PNG takes ~130 MB to decode and shrink: the most one decode slot may hold.
+MAX_PIXELS = 4096 * 4096
+DECODE_SLOTS = 2  # images decoded and classified at once (this many × ~130 MB at worst)
+QUEUE_TIMEOUT = 10.0  # seconds a request may wait for a decode slot before a 503
+HEAD_TIMEOUT = 10.0  # seconds from connecting (or the last response) to a complete head
+BODY_IDLE_TIMEOUT = 10.0  # seconds an upload may pause
+BODY_TIMEOUT = 30.0  # seconds a whole upload may take (20 MiB at 0.7 MB/s)
+MAX_CONNECTIONS = 64  # uvicorn's limit_concurrency: connections and requests, 503 beyond
+MAX_HEAD_BYTES = 16 * 1024  # request line and headers (h11's limit)
+KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
+MAX_NAME = 100  # characters of an upload's file name echoed back
+
+Send = Callable[[dict], Awaitable[None]]
 
 
 def require_serve_packages() -> None:
@@ -34,71 +66,287 @@ def require_serve_packages() -> None:
         ) from None
 
 
+def max_body() -> int:
+    """The most bytes a request body may hold: the image limit plus the form around it."""
+    return predict.MAX_BYTES + EXTRA_FORM_BYTES
+
+
+def too_large_message() -> str:
+    """What a client is told when its upload is over the limit."""
+    return f"the image is over the {predict.MAX_BYTES // 2**20} MiB limit; give a smaller one"
+
+
+async def reply(send: Send, status: int, message: str, close: bool = False) -> None:
+    """Send a JSON error {"detail": message} as a whole response."""
+    body = json.dumps({"detail": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if close:  # the rest of the body is not worth reading
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def framing_refusal(method: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+    """The status and message for a request whose body framing is refused, or None."""
+    if sum(len(name) + len(value) + 4 for name, value in headers) > MAX_HEAD_BYTES:
+        # h11 bounds a head that arrives in pieces; one that arrives whole is checked here.
+        return 431, f"the request headers are over {MAX_HEAD_BYTES // 1024} KiB"
+    lengths = [value for name, value in headers if name == b"content-length"]
+    chunked = any(name == b"transfer-encoding" for name, _ in headers)
+    if chunked and lengths:
+        # Which one frames the body is what request smuggling plays on: neither is trusted.
+        return 400, "send Content-Length or Transfer-Encoding, not both"
+    if chunked or (method == "POST" and not lengths):
+        # A body of no declared size would be read before its size is known: refused.
+        return 411, "send the upload with a Content-Length (as browsers do)"
+    if any(not v.strip().isdigit() or int(v) > max_body() for v in lengths):
+        return 413, too_large_message()
+    return None
+
+
+class RequestGuard:
+    """ASGI middleware: bounds each request body in size and time before the app reads it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Send) -> None:
+        """Refuse bad framing at once; cut a body that grows too large or stalls."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = framing_refusal(scope["method"], scope["headers"])
+        if refusal is not None:
+            await reply(send, *refusal, close=True)
+            return
+        started = time.monotonic()
+        state = {"received": 0, "body_done": False, "answered": False, "response": False}
+
+        async def refuse(status: int, message: str) -> dict:
+            """Answer for the app (if it has not answered) and tell it the client left."""
+            if not state["response"] and not state["answered"]:
+                await reply(send, status, message, close=True)
+            state["answered"] = True
+            return {"type": "http.disconnect"}
+
+        async def guarded_receive() -> dict:
+            if state["answered"]:
+                return {"type": "http.disconnect"}
+            if state["body_done"]:  # only a disconnect can come now: no deadline
+                return await receive()
+            wait = min(BODY_IDLE_TIMEOUT, BODY_TIMEOUT - (time.monotonic() - started))
+            try:
+                message = await asyncio.wait_for(receive(), max(wait, 0.001))
+            except asyncio.TimeoutError:
+                slow = time.monotonic() - started >= BODY_TIMEOUT
+                why = f"took over {BODY_TIMEOUT:g} s" if slow else f"stalled {wait:g} s"
+                return await refuse(408, f"the upload {why}; send it again")
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                state["body_done"] = not message.get("more_body", False)
+                if state["received"] > max_body():  # h11 keeps to Content-Length; in case
+                    return await refuse(413, too_large_message())
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            if state["answered"]:
+                return  # the guard has answered this request already
+            state["response"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except Exception:
+            if not state["answered"]:
+                raise  # a bug: uvicorn logs it and answers 500
+
+
+def clean_name(filename: str | None) -> str:
+    """An upload's file name made safe to echo in one line of a message."""
+    name = "".join(c if c.isprintable() else "?" for c in (filename or "upload"))
+    return name[:MAX_NAME] + ("…" if len(name) > MAX_NAME else "")
+
+
 def create_app(predictor: Predictor, name: str) -> Any:
     """The FastAPI app: GET / is the page, POST /predict classifies one uploaded image."""
     require_serve_packages()
-    from fastapi import FastAPI, File, Request, UploadFile
-    from fastapi.exceptions import RequestValidationError
+    import anyio
+    from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.datastructures import UploadFile  # what request.form() gives
+    from starlette.requests import ClientDisconnect
 
+    # Warnings filters are global and the decode threads would race over catch_warnings:
+    # in a server, Pillow's notes (odd EXIF, big images) are never shown.
+    warnings.filterwarnings("ignore", module=r"PIL\.")
+    # The multipart parser logs every malformed body it sees: the 400 says it already.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     app = FastAPI(title="nin", docs_url=None, redoc_url=None, openapi_url=None)
-    too_large = f"the image is over the {predict.MAX_BYTES // 2**20} MiB limit; give a smaller one"
+    app.add_middleware(RequestGuard)
+    slots = asyncio.Semaphore(DECODE_SLOTS)
 
-    @app.middleware("http")
-    async def refuse_huge_bodies(request: Request, call_next):
-        """Refuse a body too large, or of no declared size, before anything reads it."""
-        # Before the multipart parser spools the body anywhere: the declared size is enough.
-        declared = request.headers.get("content-length", "")
-        if request.method == "POST" and not declared.isdigit():
-            # A chunked body has no declared size and would be spooled whole: refuse it.
-            message = "send the upload with a Content-Length (as browsers do)"
-            return JSONResponse({"detail": message}, status_code=411)
-        if declared.isdigit() and int(declared) > predict.MAX_BYTES + EXTRA_FORM_BYTES:
-            return JSONResponse({"detail": too_large}, status_code=413)
-        return await call_next(request)
-
-    @app.exception_handler(RequestValidationError)
-    async def missing_file(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """A request without the form field: 400 with what to send, not FastAPI's 422."""
-        return JSONResponse({"detail": "send one image as the form field 'file'"}, 400)
+    def error(status: int, message: str) -> JSONResponse:
+        """The JSON every refusal has: {"detail": one line}."""
+        return JSONResponse({"detail": message}, status_code=status)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         """The demo page."""
         return render_page(predictor, name)
 
+    def classify_bytes(data: bytes, label: str) -> dict[str, Any]:
+        """Decode, check and classify one upload (in a worker thread)."""
+        image = predict.read_image(
+            data, label, max_pixels=MAX_PIXELS, shrink_to=predictor.decode_side
+        )
+        pixels, inverted = predictor.to_uint8(image)
+        probs = predictor.probabilities(pixels[None])[0]
+        result = predictor.top(probs, TOP_K, label, inverted)
+        return {**result.as_dict(), "input_png": data_uri(image_png(pixels))}
+
     @app.post("/predict")
-    def classify(file: UploadFile = File(...)) -> JSONResponse:  # noqa: B008 (FastAPI's way)
-        """Top 5 classes of one uploaded image, or 400/413 with a readable message."""
-        # A plain def: FastAPI runs it in a worker thread, so the model never blocks the loop.
-        data = file.file.read(predict.MAX_BYTES + 1)
-        if len(data) > predict.MAX_BYTES:
-            return JSONResponse({"detail": too_large}, status_code=413)
-        label = file.filename or "upload"
+    async def classify(request: Request) -> JSONResponse:
+        """Top 5 classes of one uploaded image, or a 4xx/503 with a readable message."""
         try:
-            image = predict.read_image(data, label)
-            pixels, inverted = predictor.to_uint8(image)
-            probs = predictor.probabilities(pixels[None])[0]
-            result = predictor.top(probs, TOP_K, label, inverted)
+            # One file and a few fields: the parser spools the file (1 MiB in memory at most).
+            async with request.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
+                upload = form.get("file")
+                if not isinstance(upload, UploadFile):
+                    return error(400, "send one image as the form field 'file'")
+                label = clean_name(upload.filename)
+                try:
+                    await asyncio.wait_for(slots.acquire(), QUEUE_TIMEOUT)
+                except asyncio.TimeoutError:
+                    return error(503, "the server is busy with other images; try again")
+                try:
+                    data = await upload.read(predict.MAX_BYTES + 1)
+                    if len(data) > predict.MAX_BYTES:
+                        return error(413, too_large_message())
+                    # The model and Pillow run in a thread, so they never block the loop.
+                    result = await anyio.to_thread.run_sync(classify_bytes, data, label)
+                finally:
+                    slots.release()
+        except ClientDisconnect:  # the guard cut the body, or the client left
+            return error(400, "the upload was cut short")
+        except TooLarge as e:
+            return error(413, str(e))
+        except NotFinite as e:
+            return error(422, str(e))
         except NinError as e:
-            return JSONResponse({"detail": str(e)}, status_code=400)
-        return JSONResponse({**result.as_dict(), "input_png": data_uri(image_png(pixels))})
+            return error(400, str(e))
+        except MemoryError:
+            return error(503, "the server ran out of memory for this image; try a smaller one")
+        return JSONResponse(result)
 
     return app
 
 
-def check_port(host: str, port: int) -> None:
-    """Fail with one line, before uvicorn starts, if the port cannot be used."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (IPv4 or IPv6), or one line saying why it cannot be."""
     if not 0 < port < 65536:
         raise NinError(f"--port must be in 1..65535, got {port}")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            s.bind((host, port))
-        except OSError as e:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        message = f"--host {host}: not an address or name this machine knows ({reason})"
+        raise NinError(message) from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise NinError(f"port {port} is in use on {host}; pick another --port") from None
+        if e.errno == errno.EACCES:
             raise NinError(
-                f"cannot listen on {host}:{port} ({e.strerror}); pick another --port"
+                f"cannot listen on port {port} (permission denied: ports below 1024 need "
+                "privileges); pick another --port"
             ) from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise NinError(
+                f"--host {host} is not an address of this machine; use 127.0.0.1, ::1, "
+                "0.0.0.0 (every IPv4 address) or :: (every address)"
+            ) from None
+        raise NinError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(host: str, port: int) -> str:
+    """http://host:port/, with an IPv6 address in brackets."""
+    try:
+        literal = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        literal = False
+    return f"http://[{host}]:{port}/" if literal else f"http://{host}:{port}/"
+
+
+def head_timeout_protocol() -> type:
+    """uvicorn's h11 protocol with a deadline on each request head, answered with a 408."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        """Closes a connection whose request head does not arrive within HEAD_TIMEOUT."""
+
+        head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            """Start the clock for the first head."""
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self.arm()
+
+        def data_received(self, data: bytes) -> None:
+            """Stop the clock once a head is complete (a request is running)."""
+            super().data_received(data)
+            if self.in_request():
+                self.disarm()
+
+        def on_response_complete(self) -> None:
+            """Start the clock for the next head, unless a pipelined one already came."""
+            super().on_response_complete()
+            if not self.transport.is_closing() and not self.in_request():
+                self.arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            """No clock for a closed connection."""
+            self.disarm()
+            super().connection_lost(exc)
+
+        def in_request(self) -> bool:
+            """Whether a request's head has come and its response has not ended."""
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def arm(self) -> None:
+            """Start (or restart) the clock for a head."""
+            self.disarm()
+            self.head_timer = self.loop.call_later(HEAD_TIMEOUT, self.head_timed_out)
+
+        def disarm(self) -> None:
+            """Stop the clock."""
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def head_timed_out(self) -> None:
+            """Answer 408 and close, unless a request got going meanwhile."""
+            self.head_timer = None
+            if self.transport.is_closing() or self.in_request():
+                return
+            # Written by hand: h11 cannot send a response to a request it has not parsed.
+            body = json.dumps(
+                {"detail": f"the request head took over {HEAD_TIMEOUT:g} s; send it again"}
+            ).encode()
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            self.transport.close()
+
+    return HeadTimeoutProtocol
 
 
 def serve(predictor: Predictor, name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -106,9 +354,20 @@ def serve(predictor: Predictor, name: str, host: str = "127.0.0.1", port: int = 
     import uvicorn
 
     app = create_app(predictor, name)
-    check_port(host, port)
-    print(f"nin: serving {name} at http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    sock = listening_socket(host, port)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        http=head_timeout_protocol(),
+        ws="none",  # the page needs no WebSocket
+        lifespan="off",
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=KEEP_ALIVE,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        server_header=False,
+    )
+    print(f"nin: serving {name} at {url_of(host, port)} (Ctrl+C to stop)", flush=True)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def render_page(predictor: Predictor, name: str) -> str:
@@ -126,4 +385,6 @@ def render_page(predictor: Predictor, name: str) -> str:
     )
     page = (resources.files("nin") / "templates" / "serve.html").read_text(encoding="utf-8")
     page = page.replace("{{NAME}}", html.escape(name)).replace("{{ABOUT}}", html.escape(about))
+    page = page.replace("{{MAX_BYTES}}", str(predict.MAX_BYTES))
+    page = page.replace("{{MAX_MIB}}", str(predict.MAX_BYTES // 2**20))
     return page.replace("{{NOTE}}", html.escape(note))
