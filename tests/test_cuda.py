@@ -99,7 +99,7 @@ def test_bfloat16_autocast_agrees_with_float32(gpu_run, data_dir, tmp_path):
     model, config = load_pretrained("fashion-mnist")
     predictor = Predictor(model, config, "cuda")
     images, _ = load_split("fashion-mnist", "test", data_dir)
-    x = predictor.pipeline.prepare(images[:1024].to(CUDA))
+    x = predictor.preprocess(images[:1024].to(CUDA))
     with torch.no_grad():
         full = predictor.model(x).float()
         with autocast(CUDA, True):
