@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -90,3 +92,96 @@ def test_an_export_that_fails_its_check_leaves_no_file(run_dir: Path, tmp_path, 
     out = tmp_path / f"model.{fmt}"
     assert main(["export", str(run_dir), "--format", fmt, "--out", str(out)]) == 1
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+# --- What an export may replace: an earlier export with --force; never a checkpoint or a non-file
+
+
+def one_line_error(capsys, expect: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("nin: error: ") and len(err.strip().splitlines()) == 1, err
+    assert expect in err, err
+
+
+@pytest.mark.parametrize(
+    "target, expect",
+    [
+        ("model.safetensors", "part of a checkpoint"),
+        ("config.json", "part of a checkpoint"),
+        ("metrics.jsonl", "part of a checkpoint"),
+        ("weights.bin", "part of a checkpoint"),  # safetensors under another name
+        ("folder", "is a directory"),
+        ("pipe", "is a named pipe"),
+        ("link", "is a symbolic link"),
+        (os.devnull, "is a character device"),
+    ],
+)
+def test_an_export_never_replaces_a_checkpoint_or_what_is_not_a_file(
+    tmp_path: Path, capsys, target: str, expect: str
+) -> None:
+    run = tmp_path / "run"
+    save_checkpoint(run, create_model("nin_compact"), CONFIG)
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    shutil.copy(run / "model.safetensors", run / "weights.bin")
+    (run / "folder").mkdir()
+    os.mkfifo(run / "pipe")
+    (run / "link").symlink_to(run / "config.json")
+    before = {p.name: p.read_bytes() if p.is_file() else None for p in run.iterdir()}
+    out = run / target
+    assert main(["export", str(run), "--format", "torch-export", "--out", str(out), "--force"]) == 1
+    one_line_error(capsys, expect)
+    after = {p.name: p.read_bytes() if p.is_file() else None for p in run.iterdir()}
+    assert after == before
+    assert (run / "link").is_symlink() and (run / "pipe").is_fifo()
+    assert Path(os.devnull).is_char_device()
+
+
+def test_an_earlier_export_is_replaced_only_with_force(run_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "model.pt2"
+    export = ["export", str(run_dir), "--format", "torch-export", "--out", str(out)]
+    out.write_bytes(b"an earlier export")
+    assert main(export) == 1
+    one_line_error(capsys, "already exists; give --force to replace it")
+    assert out.read_bytes() == b"an earlier export"
+    assert main([*export, "--force"]) == 0
+    assert torch.export.load(out).module() is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+
+
+def test_a_file_that_appears_at_out_during_the_export_is_kept(
+    run_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import nin.export
+
+    out = tmp_path / "model.pt2"
+    inputs = nin.export.sample_inputs
+
+    def someone_writes_out(shape, batch):
+        out.write_text("written meanwhile")
+        return inputs(shape, batch)
+
+    monkeypatch.setattr(nin.export, "sample_inputs", someone_writes_out)
+    assert main(["export", str(run_dir), "--format", "torch-export", "--out", str(out)]) == 1
+    one_line_error(capsys, "already exists")
+    assert out.read_text() == "written meanwhile"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    """A 256 kB tmpfs: a real file system that fills up (skips where it cannot be mounted)."""
+    from tests.test_reliability import HELD, small_disk
+
+    yield small_disk(tmp_path)
+    HELD.close()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch-export"])
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(
+    run_dir: Path, small: Path, capsys, fmt: str
+) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(small / "model")]) == 1
+    one_line_error(capsys, "No space left on device")
+    assert list(small.iterdir()) == []

@@ -7,6 +7,7 @@ may simulate a full disk). The messages it gets are written to docs/reliability.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import gzip
@@ -15,6 +16,12 @@ import io
 import json
 import os
 import pickle
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,14 +33,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nin.checkpoint import save_checkpoint, save_state
+import nin.export
+import nin.train
+from nin.checkpoint import lock_run_dir, read_config, save_checkpoint, save_state, save_tensors
 from nin.cli import main
 from nin.data import DATASETS, read_idx
+from nin.distributed import World
 from nin.errors import NinError
 from nin.models import create_model
 from tests.conftest import REPO, checkpoint_config, write_idx
 
 DOC = REPO / "docs" / "reliability.md"
+# What a case holds while its command runs (a lock, a mount, a signal handler): let go after it.
+HELD = contextlib.ExitStack()
+LONG = "x" * 300  # one name over every common file system's limit of 255 bytes
 
 
 @dataclass(frozen=True)
@@ -233,8 +246,175 @@ def damaged_state(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
         run / "last.safetensors",
         "nin_compact",
         {"model": create_model("nin_compact").state_dict(), "run": state},
+        read_config(run),  # the run's own id and settings: the state is damaged, not foreign
     )
     return ["train", "--resume", str(run)]
+
+
+def nan_weights(run: Path) -> None:
+    rewrite_weights(run, lambda t: t.fill_(float("nan")) if t.is_floating_point() else t)
+
+
+def rewrite_weights(run: Path, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Save the run's weights again, each tensor changed by `change`."""
+    weights = {k: change(v.clone()) for k, v in create_model("nin_compact").state_dict().items()}
+    save_tensors(run / "model.safetensors", weights, {"model": "nin_compact"})
+
+
+def float16_weights(run: Path) -> None:
+    rewrite_weights(run, lambda t: t.half() if t.is_floating_point() else t)
+
+
+def int8_weights(run: Path) -> None:
+    rewrite_weights(run, lambda t: t.to(torch.int8) if t.is_floating_point() else t)
+
+
+def duplicate_key(run: Path) -> None:
+    """Name the first tensor twice in the header, the second time over the bytes of another
+    dtype: safetensors keeps the last silently."""
+    path = run / "model.safetensors"
+    raw = path.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + length])
+    first = next(k for k in header if k != "__metadata__")
+    entry = header[first]
+    start, end = entry["data_offsets"]
+    twin = {"dtype": "I8", "shape": [end - start], "data_offsets": [start, end]}
+    text = json.dumps(header)[:-1] + f', "{first}": {json.dumps(twin)}}}'
+    text += " " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text.encode() + raw[8 + length :])
+
+
+def deep_config(run: Path) -> None:
+    (run / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+
+
+def edit_config(**changes: object) -> Callable[[Path], None]:
+    """Change keys of a run's config.json."""
+
+    def change(run: Path) -> None:
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, **changes}))
+
+    return change
+
+
+def trained(tmp: Path, monkeypatch: pytest.MonkeyPatch, name: str = "run", *flags: str) -> Path:
+    """A run directory of one tiny epoch on a tiny MNIST."""
+    data = tmp / "data"
+    if not data.exists():
+        tiny_mnist(tmp, monkeypatch)
+    run = tmp / name
+    common = ["--dataset", "mnist", "--data-dir", str(data), "--batch-size", "32"]
+    assert main(["train", *common, "--epochs", "1", "--out", str(run), *flags]) == 0
+    return run
+
+
+def resume_edited(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    run = trained(tmp, monkeypatch, "run", "--schedule", "onecycle")
+    edit_config(epochs=3)(run)  # a one-cycle schedule saved for 1 epoch would fail in the 2nd
+    return ["train", "--resume", str(run)]
+
+
+def resume_another_run(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    run, other = trained(tmp, monkeypatch), trained(tmp, monkeypatch, "other")
+    shutil.copy(other / "last.safetensors", run / "last.safetensors")
+    return ["train", "--resume", str(run)]
+
+
+def hold_lock(run: Path, resume: bool = False) -> None:
+    """Lock `run` as a training process does, until the case ends."""
+    HELD.enter_context(lock_run_dir(run, World(), resume))
+
+
+def resume_in_use(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    run = trained(tmp, monkeypatch)
+    hold_lock(run, resume=True)
+    return ["train", "--resume", str(run)]
+
+
+def new_run_in_use(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    hold_lock(tmp / "run")  # a run that has begun: it has written its config.json, no checkpoint
+    (tmp / "run" / "config.json").write_text("{}")
+    return train_with()(tmp, monkeypatch)
+
+
+def small_disk(tmp: Path, size: str = "256k") -> Path:
+    """A real file system of `size` (tmpfs) at tmp/small, unmounted when the case ends; skips
+    where this machine does not let the test mount one."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs (a real full disk) needs root and mount(8)")
+    where = tmp / "small"
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    HELD.callback(subprocess.run, ["umount", "-l", str(where)], check=False)
+    return where
+
+
+def real_disk_full(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    small = small_disk(tmp)  # room for config.json and metrics.jsonl, not for the weights
+    return train_with("--out", str(small / "run"), "--batch-size", "32")(tmp, monkeypatch)
+
+
+def long_name(where: str) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
+    """A command given a path whose name is over the system's limit (ENAMETOOLONG)."""
+
+    def argv(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        monkeypatch.chdir(tmp)  # a relative name: the message is the same on every machine
+        if where == "--data-dir":
+            return ["train", "--data-dir", LONG, "--out", str(tmp / "run")]
+        if where in ("--out", "--resume"):
+            return train_with(where, LONG)(tmp, monkeypatch)
+        if where == "predict":
+            return ["predict", LONG, str(tmp / "image.png")]
+        return [where, LONG]
+
+    return argv
+
+
+def deep_file(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    (tmp / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    return train_with("--config", str(tmp / "deep.json"))(tmp, monkeypatch)
+
+
+def export_to(out: Callable[[Path], Path], *flags: str) -> Callable:
+    """`nin export` of a fresh checkpoint to the path `out` makes of its run directory."""
+
+    def argv(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        run = checkpoint_dir(tmp)
+        return ["export", str(run), "--format", "torch-export", "--out", str(out(run)), *flags]
+
+    return argv
+
+
+def report_over_a_file(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    run = checkpoint_dir(tmp)
+    (tmp / "notes.html").write_text("<p>my notes</p>")
+    return ["report", str(run), "--out", str(tmp / "notes.html")]
+
+
+def sigterm_in_export(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """SIGTERM arrives while the export's temporary file exists."""
+
+    def not_handled(signum: int, frame: object) -> None:
+        raise AssertionError("nin left SIGTERM to its default action: the process would die")
+
+    HELD.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, not_handled))
+    inputs = nin.export.sample_inputs
+
+    def terminated(shape: tuple[int, ...], batch: int) -> torch.Tensor:
+        assert list(tmp.glob("ckpt/.*.tmp")), "not inside the export"
+        os.kill(os.getpid(), signal.SIGTERM)
+        return inputs(shape, batch)
+
+    monkeypatch.setattr(nin.export, "sample_inputs", terminated)
+    return export_to(lambda run: run / "model.pt2")(tmp, monkeypatch)
 
 
 def plain(*argv: str) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
@@ -295,6 +475,25 @@ CASES = [
     Case("cli", "output directory under a file", out_under_a_file, "cannot write to"),
     Case("cli", "disk full", disk_full, "No space left on device"),
     Case("cli", "output directory holds a run", run_exists, "already holds a run"),
+    Case("cli", "output directory another nin process is training in", new_run_in_use,
+         "is in use by another nin process (pid"),
+    Case("cli", "a real full disk (a 256 kB tmpfs)", real_disk_full,
+         "(No space left on device); check space"),
+    Case("cli", "a run that diverges before its first checkpoint",
+         train_with("--lr", "1e30", "--batch-size", "16"), "what it wrote is removed"),
+    Case("cli", "--out name over the system's limit", long_name("--out"), "File name too long"),
+    Case("cli", "--resume name over the system's limit", long_name("--resume"),
+         "File name too long"),
+    Case("cli", "--data-dir name over the system's limit", long_name("--data-dir"),
+         "File name too long"),
+    Case("cli", "eval of a name over the system's limit", long_name("eval"),
+         "File name too long"),
+    Case("cli", "predict with a name over the system's limit", long_name("predict"),
+         "File name too long"),
+    Case("cli", "--config file nested 200,000 deep", deep_file,
+         "not valid json (maximum recursion"),
+    Case("cli", "--model-kwargs nested 100,000 deep",
+         train_with("--model-kwargs", "[" * 100_000 + "]" * 100_000), "not a JSON object", 2),
     Case("cli", "summary of an impossible input size", plain(
         "summary", "nin_d2l", "--input-size", "1", "20", "20"), "cannot take input (1, 20, 20)"),
     Case("cli", "resources at batch size 0", plain("resources", "nin_compact", "--batch-size", "0"),
@@ -317,6 +516,20 @@ CASES = [
         lambda run: (run / "config.json").write_text("{oops")), "not a valid nin config"),
     Case("checkpoint", "config missing a key", edit_checkpoint(drop_config_key),
          "missing or bad: 'dataset'"),
+    Case("checkpoint", "config nested 200,000 deep", edit_checkpoint(deep_config),
+         "nested too deeply"),
+    Case("checkpoint", "config with a number of classes in quotes", edit_checkpoint(
+        edit_config(num_classes="10")), "num_classes must be int, got '10'"),
+    Case("checkpoint", "config with -1 input channels", edit_checkpoint(
+        edit_config(in_channels=-1)), "in_channels must be from 1 to 1024"),
+    Case("checkpoint", "weights that are NaN", edit_checkpoint(nan_weights),
+         "holds NaN or infinite values"),
+    Case("checkpoint", "float16 weights", edit_checkpoint(float16_weights),
+         "is float16, but model 'nin_compact' keeps it in float32"),
+    Case("checkpoint", "int8 weights", edit_checkpoint(int8_weights),
+         "is int8, but model 'nin_compact' keeps it in float32"),
+    Case("checkpoint", "a tensor named twice in the header", edit_checkpoint(duplicate_key),
+         "twice"),
     Case("checkpoint", "missing config", edit_checkpoint(
         lambda run: (run / "config.json").unlink()), "config.json: not found"),
     Case("checkpoint", "images too small for the model", eval_too_small,
@@ -329,28 +542,65 @@ CASES = [
          "already finished all 1 epochs"),
     Case("checkpoint", "resume from a damaged training state", damaged_state,
          "training state incomplete or does not fit this run"),
+    Case("checkpoint", "resume after editing epochs in config.json", resume_edited,
+         "saved under other settings than the run has now (epochs 1 → 3)"),
+    Case("checkpoint", "resume from another run's last.safetensors", resume_another_run,
+         "the training state of another run"),
+    Case("checkpoint", "resume a run another nin process is training", resume_in_use,
+         "is in use by another nin process (pid"),
+    # Exports and reports
+    Case("output", "export onto the run's own weights, with --force", export_to(
+        lambda run: run / "model.safetensors", "--force"), "never overwrites"),
+    Case("output", "export onto the run's config.json, with --force", export_to(
+        lambda run: run / "config.json", "--force"), "part of a checkpoint"),
+    Case("output", "export onto a directory", export_to(lambda run: run), "is a directory"),
+    Case("output", "export onto a device", export_to(lambda run: Path(os.devnull)),
+         "is a character device"),
+    Case("output", "report over an existing file", report_over_a_file,
+         "already exists; give --force"),
+    Case("output", "SIGTERM during an export", sigterm_in_export, "nin: terminated (SIGTERM)",
+         143),
 ]  # fmt: skip
 MESSAGES: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def let_go() -> None:
+    """Release what a case held (a lock, a mount, a signal handler) once it is done."""
+    yield
+    HELD.close()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.group}: {c.what}" for c in CASES])
 def test_bad_input_gets_one_clear_line(case, tmp_path, monkeypatch, capsys):
     argv = case.argv(tmp_path, monkeypatch)
     capsys.readouterr()  # what setting the case up printed
-    before = set(tmp_path.rglob("*"))
-    status = main(argv) if case.status == 1 else exit_status(argv)
+    before = {p: content(p) for p in tmp_path.rglob("*")}
+    status = main(argv) if case.status != 2 else exit_status(argv)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert status == case.status, err
-    assert len(lines) == 1 and lines[0].startswith("nin: error: "), err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("nin: error: " if case.status in (1, 2) else "nin: "), err
     assert case.expect in lines[0], lines[0]
     assert "Traceback" not in err
-    # Nothing half-written: no temporary files, no new files at all, and nothing unpickled.
+    # Nothing half-written: no temporary files, no new files at all, nothing of the user's
+    # changed, and nothing unpickled.
     after = set(tmp_path.rglob("*"))
     assert not [p for p in after if p.name.endswith(".tmp")]
-    assert after <= before, sorted(map(str, after - before))
+    assert after <= set(before), sorted(map(str, after - set(before)))
+    assert {p: content(p) for p in after} == {p: before[p] for p in after}
     assert not (tmp_path / "pwned").exists()
-    MESSAGES[f"{case.group}|{case.what}"] = lines[0].replace(str(tmp_path), "…")
+    assert Path(os.devnull).is_char_device()
+    message = lines[0].replace(str(tmp_path), "…")
+    MESSAGES[f"{case.group}|{case.what}"] = re.sub(r"\(pid \d+\)", "(pid N)", message)
+
+
+def content(path: Path) -> bytes | str:
+    """What a path holds, to compare: a file's bytes, else its kind."""
+    if path.is_symlink() or not path.is_file():
+        return "link" if path.is_symlink() else "dir" if path.is_dir() else "other"
+    return path.read_bytes()
 
 
 def exit_status(argv: list[str]) -> int:
@@ -378,7 +628,8 @@ def render() -> str:
         "",
     ]
     for group, title in (("data", "Data files"), ("cli", "Command-line values"),
-                         ("checkpoint", "Checkpoints")):  # fmt: skip
+                         ("checkpoint", "Checkpoints"),
+                         ("output", "Exports and reports")):  # fmt: skip
         lines += [f"## {title}", "", "| input | exit | message |", "|---|---|---|"]
         for case in (c for c in CASES if c.group == group):
             message = MESSAGES[f"{group}|{case.what}"].replace("|", "\\|")
@@ -395,6 +646,14 @@ def render() -> str:
         "- A run whose loss turns NaN, or sits at ln(classes) with chance accuracy, or collapses",
         "  to the same logits for every image stops with one line that names the last good",
         "  checkpoint (`tests/test_train.py`).",
+        "- A run directory is locked (flock on RUN_DIR/.lock) while a run trains: a second",
+        "  process, a real one, gets one line naming the first one's pid; a new run checks the",
+        "  directory again once it holds the lock; a run that fails after its first checkpoint",
+        "  keeps it and says `--resume`; the lock goes with the run, however it ends",
+        "  (`tests/test_reliability.py`).",
+        "- SIGTERM sent from outside during an export leaves no temporary file; a real full",
+        "  disk is one line from every writer, with nothing left behind",
+        "  (`tests/test_reliability.py`, `tests/test_export.py`).",
         "",
     ]
     return "\n".join(lines)
@@ -436,3 +695,176 @@ def test_a_header_claiming_huge_dims_is_refused_without_allocating(tmp_path):
     path.write_bytes(gz(idx_header(2**31, 2**31, 2**31)))
     with pytest.raises(NinError, match="need"):
         read_idx(path)
+
+
+# --- Run directories: one process at a time, and what a failed run leaves
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from nin.checkpoint import lock_run_dir
+from nin.distributed import World
+with lock_run_dir(Path(sys.argv[1]), World(), resume=True):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_process_gets_one_line(tmp_path, monkeypatch, capsys):
+    run = trained(tmp_path, monkeypatch)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert err == (
+            f"nin: error: {run} is in use by another nin process (pid {holder.pid}); wait for "
+            "it or choose another --out\n"
+        )
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+    # Once the other process is gone, the directory is free again (the run here is finished).
+    assert main(["train", "--resume", str(run)]) == 1
+    assert "already finished all 1 epochs" in capsys.readouterr().err
+    assert not (run / ".lock").exists()
+
+
+def test_a_new_run_checks_the_directory_again_once_it_holds_the_lock(tmp_path, monkeypatch, capsys):
+    """Between the first look and the lock, another run took the directory and finished."""
+    real = nin.train.prepare_run_dir
+    other = {"model": "nin_compact", "note": "another run's"}
+
+    def then_another_run(*args: object) -> Path:
+        run_dir = real(*args)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text(json.dumps(other))
+        return run_dir
+
+    monkeypatch.setattr(nin.train, "prepare_run_dir", then_another_run)
+    argv = train_with()(tmp_path, monkeypatch)
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == other
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
+
+
+def test_only_rank_0_locks(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr("nin.checkpoint.broadcast_text", lambda text, world: "")  # rank 0: fine
+    with lock_run_dir(run, World(rank=1, size=2), resume=True):
+        assert list(run.iterdir()) == []  # no lock file: rank 0, another process, holds it
+        with lock_run_dir(run, World()):  # as it can while rank 1 runs
+            assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def test_a_failed_run_lets_go_of_its_directory(tmp_path, monkeypatch, capsys):
+    """The lock goes with the run however it ends, in this process too (flock belongs to the
+    open file), and a run that failed before its first checkpoint leaves the --out free."""
+    argv = train_with("--lr", "1e30", "--batch-size", "16")(tmp_path, monkeypatch)
+    assert main(argv) == 1
+    assert "the same --out works again" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with monkeypatch.context() as patched:
+        patched.setattr(nin.train, "evaluate", interrupted)  # Ctrl-C at the first epoch's end
+        assert main([("0.1" if a == "1e30" else a) for a in argv]) == 130
+    assert not (tmp_path / "run").exists()  # an interrupted new run: removed too
+    run = trained(tmp_path, monkeypatch)
+    assert sorted(p.name for p in run.iterdir()) == [
+        "best.safetensors",
+        "config.json",
+        "curves.png",
+        "last.safetensors",
+        "metrics.jsonl",
+        "model.safetensors",
+    ]
+
+
+def interrupted(*args: object, **kwargs: object) -> None:
+    raise KeyboardInterrupt
+
+
+def test_a_run_that_fails_after_its_first_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
+    argv = train_with("--lr", "1e30", "--batch-size", "16", "--checkpoint-every", "1")
+    assert main(argv(tmp_path, monkeypatch)) == 1
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert len(err.strip().splitlines()) == 1
+    assert err.strip().endswith(f"the run so far is kept (`nin train --resume {run}` continues it)")
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json",
+        "last.safetensors",
+        "metrics.jsonl",
+    ]
+
+
+def test_what_a_resume_may_change_is_left_out_of_the_settings_it_checks():
+    from nin.checkpoint import CONFIG, METRICS, NOT_SETTINGS
+    from nin.config import WHERE
+    from nin.files import RUN_RECORDS
+
+    assert set(WHERE) <= set(NOT_SETTINGS)
+    assert RUN_RECORDS == (CONFIG, METRICS)
+
+
+# --- Signals and full disks
+
+
+EXPORT_UNTIL_TERMINATED = """
+import sys, time
+import nin.export
+from nin.cli import main
+
+def wait_for_sigterm(shape, batch):
+    print("exporting", flush=True)
+    time.sleep(60)
+
+nin.export.sample_inputs = wait_for_sigterm
+sys.exit(main(["export", sys.argv[1], "--format", "torch-export", "--out", sys.argv[2]]))
+"""
+
+
+def test_sigterm_from_outside_during_an_export_leaves_nothing(tmp_path):
+    run = checkpoint_dir(tmp_path)
+    out = tmp_path / "exports" / "model.pt2"
+    out.parent.mkdir()
+    victim = subprocess.Popen(
+        [sys.executable, "-c", EXPORT_UNTIL_TERMINATED, str(run), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert victim.stdout.readline().strip() == "exporting"
+    assert [p.name.endswith(".tmp") for p in out.parent.iterdir()] == [True]  # it is writing
+    victim.send_signal(signal.SIGTERM)
+    _, err = victim.communicate(timeout=60)
+    assert victim.returncode == 143, err
+    assert err == "nin: terminated (SIGTERM)\n"
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.fixture
+def small(tmp_path) -> Path:
+    """A 256 kB tmpfs: a real file system that fills up."""
+    where = small_disk(tmp_path)
+    yield where
+    HELD.close()
+
+
+def test_a_real_full_disk_is_one_line_and_leaves_nothing(small):
+    big = {"weights": torch.zeros(1_000_000)}
+    with pytest.raises(NinError, match=r"cannot write .* \(No space left on device\)") as e:
+        save_tensors(small / "weights.safetensors", big, {})
+    assert "\n" not in str(e.value)
+    assert list(small.iterdir()) == []

@@ -84,3 +84,27 @@ def test_edited_metrics_get_one_line(tmp_path: Path) -> None:
         (tmp_path / "metrics.jsonl").write_text(text)
         with pytest.raises(NinError, match="was the file edited"):
             read_history(tmp_path)
+
+
+def test_a_report_replaces_a_file_only_with_force_and_never_a_checkpoint(
+    report: Path, capsys
+) -> None:
+    from tests.conftest import SHARED_DATA
+
+    run = report.parent.parent / "run"
+    args = ["report", str(run), "--data-dir", str(SHARED_DATA), "--test-subset", "50"]
+    weights = (run / "model.safetensors").read_bytes()
+    for out, force, expect in [
+        (run / "model.safetensors", ["--force"], "part of a checkpoint"),
+        (run / "config.json", ["--force"], "part of a checkpoint"),
+        (run, ["--force"], "is a directory"),
+        (report, [], "already exists; give --force"),
+    ]:
+        before = out.read_bytes() if out.is_file() else None
+        assert main([*args, "--out", str(out), *force]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and expect in err, err
+        assert (out.read_bytes() if out.is_file() else None) == before
+    assert (run / "model.safetensors").read_bytes() == weights
+    assert main([*args, "--out", str(report), "--force"]) == 0
+    assert "on 50 test images" in report.read_text()

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from nin import __version__
@@ -188,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     model, config = load_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.format)
-    print(format_result(export_model(model, config, out, args.format)))
+    print(format_result(export_model(model, config, out, args.format, args.force)))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -198,7 +203,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.test_subset is not None and args.test_subset < 1:
         raise NinError(f"--test-subset must be at least 1, got {args.test_subset}")
     path, summary = write_report(
-        args.run_dir, args.out, args.data_dir, args.test_subset, args.device
+        args.run_dir, args.out, args.data_dir, args.test_subset, args.device, args.force
     )
     print(summary)
     print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, self-contained)")
@@ -220,10 +225,10 @@ def json_object(text: str) -> dict:
     """An argparse type: a JSON object such as '{"batch_norm": false}'."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
         value = None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a JSON object: {short(text)!r}")
     return value
 
 
@@ -376,6 +381,12 @@ def add_training_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+FORCE_HELP = (
+    "replace the file at --out if there is one (an earlier export or report); never a "
+    "checkpoint, a directory or a device"
+)
+
+
 def add_shipping_commands(sub: Any) -> None:
     """predict, export, report, serve: using and shipping a trained model."""
     p = sub.add_parser(
@@ -416,6 +427,7 @@ def add_shipping_commands(sub: Any) -> None:
     p.add_argument("checkpoint", help="a run directory or its model.safetensors")
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
     p.add_argument("--out", help="default: model.onnx or model.pt2 in the run directory")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -427,6 +439,7 @@ def add_shipping_commands(sub: Any) -> None:
     )
     p.add_argument("run_dir", help="a run directory written by `nin train`")
     p.add_argument("--out", help="default: RUN_DIR/report.html")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     add_config_flags(p, "data_dir", "test_subset", "device")
     p.set_defaults(func=cmd_report)
 
@@ -443,14 +456,51 @@ def add_shipping_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is: it unwinds and cleans up as after Ctrl-C."""
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    """The SIGTERM handler while a command runs."""
+    raise Terminated
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` (a KeyboardInterrupt), so temporary files
+    go and locks are released as after Ctrl-C; in the main thread only, where signals land."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def short(name: Any, limit: int = 80) -> str:
+    """A file name for a message, its middle elided when it is longer than `limit`."""
+    text = os.fsdecode(name) if isinstance(name, str | bytes | os.PathLike) else str(name)
+    return text if len(text) <= limit else f"{text[: limit // 2]}…{text[-limit // 2 + 1 :]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `nin` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with sigterm_as_interrupt():
+            args.func(args)
     except NinError as e:
         print(f"nin: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # what no check foresaw (a name over the system's limit...): one line
+        where = f"{short(e.filename)}: " if e.filename is not None else ""
+        print(f"nin: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("nin: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("nin: interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from torch import nn
 
 from nin.data import Preprocess, classes_of
 from nin.errors import NinError
-from nin.files import atomic_path
+from nin.files import atomic_path, check_out_path
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 CHECK_BATCHES = (1, 3)  # 1 and a size the export never saw: the batch dimension must be free
@@ -67,15 +67,17 @@ def sample_inputs(shape: tuple[int, ...], batch: int) -> torch.Tensor:
 
 
 def export_model(
-    model: nn.Module, config: dict[str, Any], path: Path, fmt: str = "onnx"
+    model: nn.Module, config: dict[str, Any], path: Path, fmt: str = "onnx", force: bool = False
 ) -> ExportResult:
-    """Write `model` to `path` in format `fmt` (see FORMATS) and check it against PyTorch."""
+    """Write `model` to `path` in format `fmt` (see FORMATS) and check it against PyTorch;
+    an existing file at `path` is replaced only with `force`, and never a checkpoint."""
     if fmt not in FORMATS:
         raise NinError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    check_out_path(path, force)  # before the export's work, and again before the rename
     model = model.cpu().float().eval()
     shape = input_shape(config)
     export = export_onnx if fmt == "onnx" else export_program
-    return export(model, shape, path, config)
+    return export(model, shape, path, config, lambda p: check_out_path(p, force))
 
 
 def check_differences(differences: dict[int, float], path: Path) -> None:
@@ -89,7 +91,11 @@ def check_differences(differences: dict[int, float], path: Path) -> None:
 
 
 def export_onnx(
-    model: nn.Module, shape: tuple[int, ...], path: Path, config: dict[str, Any]
+    model: nn.Module,
+    shape: tuple[int, ...],
+    path: Path,
+    config: dict[str, Any],
+    check: Callable[[Path], None] | None = None,
 ) -> ExportResult:
     """ONNX with a dynamic batch dimension, metadata on its input, checked in onnxruntime."""
     try:
@@ -107,7 +113,7 @@ def export_onnx(
             f"{torch.__version__}: upgrade torch, or use --format torch-export"
         )
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with atomic_path(path) as tmp, quiet():
+    with atomic_path(path, check) as tmp, quiet():
         try:
             torch.onnx.export(
                 model,
@@ -138,11 +144,15 @@ def export_onnx(
 
 
 def export_program(
-    model: nn.Module, shape: tuple[int, ...], path: Path, config: dict[str, Any]
+    model: nn.Module,
+    shape: tuple[int, ...],
+    path: Path,
+    config: dict[str, Any],
+    check: Callable[[Path], None] | None = None,
 ) -> ExportResult:
     """A torch.export program (.pt2) with a dynamic batch dimension, reloaded and checked."""
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with atomic_path(path) as tmp, quiet():
+    with atomic_path(path, check) as tmp, quiet():
         try:
             program = torch.export.export(
                 model, (sample_inputs(shape, 2),), dynamic_shapes=({0: batch},)

@@ -8,8 +8,9 @@ import contextlib
 import io
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,12 @@ from nin.errors import NinError
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
     The temporary file is synced to disk before the rename and removed on any failure, so a
     crash, a full disk or an error inside the block never leaves a half-written `path`.
+    `check(path)`, if given, runs again just before the rename (see `check_out_path`).
     """
     tmp = None
     try:
@@ -35,6 +37,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         umask = os.umask(0)  # mkstemp makes the file 0600: give it a new file's usual mode
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        if check:  # what was at `path` may have changed during a long export
+            check(path)
         os.replace(tmp, path)
     except OSError as e:
         raise NinError(
@@ -43,6 +47,66 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp:
             Path(tmp).unlink(missing_ok=True)
+
+
+KINDS = {  # what a path may be besides a regular file, by the stat test that finds it
+    stat.S_ISDIR: "a directory",
+    stat.S_ISLNK: "a symbolic link",
+    stat.S_ISCHR: "a character device",
+    stat.S_ISBLK: "a block device",
+    stat.S_ISFIFO: "a named pipe",
+    stat.S_ISSOCK: "a socket",
+}
+
+
+def check_out_path(path: Path, force: bool = False) -> None:
+    """Refuse an output path (`--out`) whose file nin would destroy: anything but a regular
+    file, or a checkpoint, always; any other existing file unless `force` (an earlier export)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise NinError(f"cannot write {path} ({e.strerror or e}); choose another --out") from None
+    kind = next((name for test, name in KINDS.items() if test(mode)), None)
+    if kind or not stat.S_ISREG(mode):
+        raise NinError(
+            f"{path} is {kind or 'not a regular file'}, which nin never replaces; "
+            "give --out a file name"
+        )
+    if is_checkpoint(path):
+        raise NinError(
+            f"{path} is part of a checkpoint, which nin never overwrites, not even with --force; "
+            "choose another --out"
+        )
+    if not force:
+        raise NinError(
+            f"{path} already exists; give --force to replace it (an earlier export or report), "
+            "or choose another --out"
+        )
+
+
+# The files beside a run's weights that rebuild and describe it (checkpoint.CONFIG, METRICS).
+RUN_RECORDS = ("config.json", "metrics.jsonl")
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is weights (a safetensors file) or a run's record beside them."""
+    if is_safetensors(path):
+        return True
+    return path.name in RUN_RECORDS and any(map(is_safetensors, path.parent.glob("*.safetensors")))
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether `path` is named or looks like a safetensors file (a header length, then '{')."""
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head, size = f.read(9), os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") < size
 
 
 @contextmanager

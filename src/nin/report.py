@@ -19,7 +19,7 @@ from nin.config import saved_config
 from nin.data import classes_of
 from nin.device import environment, pick_device, place_model
 from nin.evaluate import evaluate
-from nin.files import atomic_path, data_uri, figure_png, image_png
+from nin.files import atomic_path, check_out_path, data_uri, figure_png, image_png
 from nin.loaders import make_loader
 from nin.models import check_input
 from nin.plots import confusion_figure, curves_figure
@@ -179,12 +179,15 @@ def write_report(
     data_dir: str | os.PathLike | None = None,
     test_subset: int | None = None,
     device: str | None = None,
+    force: bool = False,
 ) -> tuple[Path, str]:
     """Write the report on `run_dir` (default: RUN_DIR/report.html), atomically; return its
-    path and a one-line summary."""
-    page, summary = build_report(run_dir, data_dir, test_subset, device)
+    path and a one-line summary. An existing file is replaced only with `force`, never a
+    checkpoint."""
     run = Path(run_dir)
     path = Path(out) if out else (run if run.is_dir() else run.parent) / "report.html"
-    with atomic_path(path) as tmp:
+    check_out_path(path, force)  # before the evaluation, and again before the rename
+    page, summary = build_report(run_dir, data_dir, test_subset, device)
+    with atomic_path(path, lambda p: check_out_path(p, force)) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path, summary
