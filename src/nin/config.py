@@ -133,7 +133,10 @@ TYPES = {name: _base(hint) for name, hint in typing.get_type_hints(TrainConfig).
 # What only says where a run runs: a resumed or re-evaluated run may change these.
 WHERE = ("data_dir", "device")
 # What `nin train` adds to a config.json beside the settings (ignored when one is read back).
-RUN_RECORD = ("num_classes", "in_channels", "parameters", "environment", "world_size", "result")
+RUN_RECORD = (
+    "num_classes", "in_channels", "parameters", "environment", "world_size", "result", "run_id",
+    "classes", "mean", "std",  # an image folder's, saved with its run
+)  # fmt: skip
 
 
 def make_config(preset: str = "compact", scale_lr: bool = False, **overrides: Any) -> TrainConfig:
@@ -174,7 +177,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except OSError as e:
         raise NinError(f"{path}: cannot be read ({e.strerror or e})") from None
-    except ValueError as e:  # JSON, TOML and decoding errors
+    except (ValueError, RecursionError) as e:  # JSON, TOML, decoding errors; too deep nesting
         raise NinError(f"{path}: not valid {path.suffix[1:] or 'JSON'} ({e})") from None
     if not isinstance(values, dict):
         raise NinError(f'{path}: not a table of settings; write {{"epochs": 3, ...}}')

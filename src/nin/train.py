@@ -7,6 +7,7 @@ where it stands, saved in every checkpoint so a resumed run continues bit for bi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,8 +28,10 @@ from nin.checkpoint import (
     LAST,
     WEIGHTS,
     load_state,
+    lock_run_dir,
     prepare_run_dir,
     read_config,
+    run_id,
     save_checkpoint,
     save_state,
     save_tensors,
@@ -165,7 +168,13 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
     Returns the final metrics, the per-epoch history, the run directory and the trained model.
     Under torchrun every process calls this; rank 0 alone logs and writes files.
     """
-    run = start_run(config, log, resume)
+    with contextlib.ExitStack() as hold:  # start_run locks the run directory in it, to the end
+        return train_epochs(start_run(config, log, resume, hold))
+
+
+def train_epochs(run: Run) -> dict:
+    """The epochs of a run `start_run` set up, then `finish_run`; returns what `train` does."""
+    config = run.config
     model, optimizer, scheduler, lookahead = run.model, run.optimizer, run.scheduler, run.lookahead
     watch, state, loader = run.watch, run.state, run.train_loader
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -205,13 +214,16 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool 
     return finish_run(run)
 
 
-def start_run(config: TrainConfig, log: Callable[[str], None], resume: bool) -> Run:
+def start_run(
+    config: TrainConfig, log: Callable[[str], None], resume: bool, hold: contextlib.ExitStack
+) -> Run:
     """Set a run up: the processes, its directory, the data on the device, the model and the
     optimizer; on a resume, everything as the last checkpoint left it."""
     began = time.perf_counter()
     world = init_world(config.device)
     log = log if world.main else no_log
     run_dir = prepare_run_dir(config.out, config.preset, world, resume)
+    hold.enter_context(lock_run_dir(run_dir, world, resume))  # released when `train` ends
     device, why = pick_device(config.device, world)
     log(introduction(config, device, why, world))
     if config.deterministic:  # cuBLAS refuses deterministic mode without a fixed workspace
@@ -257,6 +269,7 @@ def start_run(config: TrainConfig, log: Callable[[str], None], resume: bool) -> 
         record={
             **dataclasses.asdict(config),
             "out": str(run_dir),
+            "run_id": run_id(run_dir, world, resume),
             "num_classes": num_classes,
             "classes": list(train_loader.classes),
             "in_channels": train_loader.images.shape[1],
@@ -484,14 +497,14 @@ def checkpoint(run: Run, epoch: int) -> None:
         raise run.watch.error(epoch, run.config.lr, run.dir / LAST)
     state = {k: v.state_dict() for k, v in run.stateful().items()}
     if run.world.main:
-        save_state(run.dir / LAST, run.config.model, state)
+        save_state(run.dir / LAST, run.config.model, state, run.record)
 
 
 def restore(run: Run) -> None:
     """Load last.safetensors into every piece of the run; temporary files of a save the kill
     cut short go."""
     path = run.dir / LAST
-    state = load_state(path, run.config.model)
+    state = load_state(path, run.config.model, run.record)
     if state["run"]["epoch"] > run.config.epochs and (run.dir / WEIGHTS).exists():
         raise NinError(f"{run.dir}: this run has already finished all {run.config.epochs} epochs")
     try:
