@@ -15,6 +15,9 @@ from nin.presets import PRESETS
 VALUES = {
     "model": ("nin_mnist", ["--model", "nin_mnist"]),
     "dataset": ("mnist", ["--dataset", "mnist"]),
+    "data": ("my-pictures", ["--data", "my-pictures"]),
+    "channels": (3, ["--channels", "3"]),
+    "loader": ("stream", ["--loader", "stream"]),
     "epochs": (3, ["--epochs", "3"]),
     "lr": (0.05, ["--lr", "0.05"]),
     "batch_size": (64, ["--batch-size", "64"]),

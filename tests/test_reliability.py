@@ -130,6 +130,22 @@ def missing_file_offline(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str
     return ["train", "--dataset", "mnist", "--data-dir", data, "--out", str(tmp / "run")]
 
 
+def data_file_replaced_by(kind: str) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
+    """Train on MNIST whose image file is a FIFO, or a link to /dev/zero: never read."""
+
+    def argv(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        data = tiny_mnist(tmp, monkeypatch)
+        path = Path(data) / "mnist" / DATASETS["mnist"].files["train_images"][0]
+        path.unlink()
+        if kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.symlink_to("/dev/zero")
+        return ["train", "--dataset", "mnist", "--data-dir", data, "--out", str(tmp / "run")]
+
+    return argv
+
+
 def out_under_a_file(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     (tmp / "a-file").write_text("x")
     return train_with("--out", str(tmp / "a-file" / "run"))(tmp, monkeypatch)
@@ -443,6 +459,9 @@ CASES = [
         train_labels=gz(idx_header(64) + bytes([12] * 64))), "label 12 out of range"),
     Case("data", "file with a wrong checksum", wrong_checksum, "wrong checksum"),
     Case("data", "missing file, offline", missing_file_offline, "could not download"),
+    Case("data", "image file is a FIFO", data_file_replaced_by("fifo"), "not a regular file"),
+    Case("data", "image file links to /dev/zero", data_file_replaced_by("zero"),
+         "not a regular file"),
     # Command-line values
     Case("cli", "zero epochs", train_with("--epochs", "0"), "--epochs must be at least 1"),
     Case("cli", "negative epochs", train_with("--epochs", "-3"), "--epochs must be at least 1"),
@@ -462,6 +481,23 @@ CASES = [
     Case("cli", "label smoothing of 1", train_with("--label-smoothing", "1"),
          "--label-smoothing must be in [0, 1)"),
     Case("cli", "negative momentum", train_with("--momentum", "-0.9"), "--momentum must be 0"),
+    Case("cli", "learning rate beyond float32", train_with("--lr", "1e39"),
+         "--lr must be at most 3.4e+38"),
+    Case("cli", "weight decay beyond float32", train_with("--weight-decay", "1e39"),
+         "--weight-decay must be at most 3.4e+38"),
+    Case("cli", "seed beyond 64 bits", train_with("--seed", str(2**70)), "--seed must be in"),
+    Case("cli", "the meta device", train_with("--device", "meta"), "holds shapes, not data"),
+    Case("cli", "model kwargs setting the input channels",
+         train_with("--model-kwargs", '{"in_channels": 3}'), "cannot set in_channels"),
+    Case("cli", "a hundred million 1×1 convolutions",
+         train_with("--model-kwargs", '{"num_pointwise": 100000000}'), "must be at most 4096"),
+    Case("cli", "model kwargs not a plain value",
+         train_with("--model-kwargs", '{"dropout": [0.5]}'), "must be a number, a string"),
+    Case("cli", "resize past any screen", train_with("--resize", "100000"),
+         "--resize must be at most 4096"),
+    Case("cli", "a training step larger than the memory",
+         train_with("--model", "nin_d2l", "--resize", "4096", "--batch-size", "64"),
+         "lower --batch-size or --resize"),
     Case("cli", "holdout as large as the split", train_with("--holdout", "64"),
          "--holdout must be in [0, 64)"),
     Case("cli", "negative checkpoint interval", train_with("--checkpoint-every", "-1"),

@@ -197,6 +197,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
             raise NinError(f"--{flag(name)} must be {kind.__name__}, got {value!r}")
     model_info(config.model)
     dataset_spec(config.dataset)
+    check_model_kwargs(config.model_kwargs)
     try:
         with torch.device("meta"):  # builds the model without allocating its weights
             create_model(config.model, **config.model_kwargs)
@@ -215,6 +216,15 @@ def check_config(config: TrainConfig) -> TrainConfig:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise NinError(f"--{flag(name)} must be at least 1, got {value}")
+    if not 0 <= config.seed < 2**63:
+        raise NinError(f"--seed must be in [0, 2**63), got {config.seed}")
+    if config.resize is not None and config.resize > MAX_SIDE:
+        raise NinError(f"--resize must be at most {MAX_SIDE}, got {config.resize}")
+    for name in ("lr", "weight_decay", "momentum", "bias_lr_scale", "label_smoothing"):
+        if abs(getattr(config, name)) > FLOAT32_MAX:  # finite in Python, infinite on the device
+            raise NinError(
+                f"--{flag(name)} must be at most {FLOAT32_MAX:.3g}, got {getattr(config, name)}"
+            )
     for name in ("lr", "bias_lr_scale"):
         if not getattr(config, name) > 0 or not math.isfinite(getattr(config, name)):
             raise NinError(f"--{flag(name)} must be a positive number, got {getattr(config, name)}")
@@ -228,6 +238,25 @@ def check_config(config: TrainConfig) -> TrainConfig:
             choices = ", ".join(map(str, known))
             raise NinError(f"unknown --{name} {getattr(config, name)!r}; choose one of: {choices}")
     return config
+
+
+MAX_SIDE = 4096  # --resize: past this, one image's activations alone outgrow most machines
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_model_kwargs(kwargs: dict[str, Any]) -> None:
+    """Model keyword arguments are plain values of a sane size, and not what the data sets."""
+    for key, value in kwargs.items():
+        if key in ("num_classes", "in_channels"):
+            raise NinError(f"--model-kwargs cannot set {key}: the data does")
+        if not isinstance(value, bool | int | float | str | None):
+            raise NinError(f"--model-kwargs {key} must be a number, a string or true/false")
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and not (math.isfinite(value) and abs(value) <= MAX_SIDE)
+        ):
+            raise NinError(f"--model-kwargs {key} must be at most {MAX_SIDE}, got {value}")
 
 
 def flag(name: str) -> str:

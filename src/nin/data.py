@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     pass
 
 IDX_DTYPES = {0x08: torch.uint8}
+MAX_IDX_BYTES = 1 << 30  # the largest official IDX file unpacks to 47 MB
 CIFAR_SIDE = 32
 CIFAR_RECORD = 1 + 3 * CIFAR_SIDE * CIFAR_SIDE  # one label byte, then the R, G and B planes
 
@@ -236,6 +237,8 @@ def ensure_files(
 
 
 def _check_md5(path: Path, md5: str) -> None:
+    if not path.is_file():  # a FIFO or a link to /dev/zero would be read forever
+        raise NinError(f"{path}: not a regular file; delete it and run again to download it")
     try:
         actual = md5sum(path)
     except OSError as e:
@@ -353,7 +356,9 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     fix = "delete it and run again to download a fresh copy"
     try:
         with gzip.open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_IDX_BYTES + 1)  # a gzip bomb stops here
+        if len(data) > MAX_IDX_BYTES:
+            raise NinError(f"{path}: unpacks to over {MAX_IDX_BYTES >> 20} MiB; {fix}")
     except FileNotFoundError:
         raise NinError(f"{path}: file not found") from None
     except (gzip.BadGzipFile, EOFError, zlib.error, OSError) as e:
@@ -386,6 +391,9 @@ def read_cifar(
     path = Path(path)
     fix = f"delete {path.parent} and run again to unpack a fresh copy"
     try:
+        size = path.stat().st_size  # before reading: a huge or sparse file is refused unread
+        if not path.is_file() or (records and size != records * CIFAR_RECORD):
+            raise NinError(f"{path}: not a CIFAR batch file of {records} records; {fix}")
         data = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
         raise NinError(f"{path}: file not found") from None

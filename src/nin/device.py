@@ -31,6 +31,8 @@ def pick_device(
     if requested:
         try:
             device = torch.device(requested)
+            if device.type == "meta":
+                raise RuntimeError("it holds shapes, not data; use cuda, mps or cpu")
             torch.empty(1, device=device)
         except (RuntimeError, AssertionError) as e:
             raise NinError(f"device {requested!r} is not usable here ({e})") from None

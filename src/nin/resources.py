@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nin.errors import NinError
+from nin.models import create_model
 
 
 @dataclass
@@ -328,6 +330,16 @@ def analytic_memory(
         inference_peak=weight_bytes + buffer_bytes + live_peak,
     )
     return memory, layers
+
+
+def training_bytes(
+    name: str, input_size: tuple[int, ...], batch_size: int, optimizer: str, **kwargs: Any
+) -> int:
+    """The analytic peak bytes of one training step of registered model `name`, from shapes
+    alone: the model is built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        model = create_model(name, in_channels=input_size[0], **kwargs)
+    return analytic_memory(model, input_size, batch_size, optimizer)[0].training_peak
 
 
 def measure_memory(

@@ -39,7 +39,14 @@ from nin.checkpoint import (
 )
 from nin.config import WHERE, TrainConfig, flag, saved_config
 from nin.data import DeviceLoader
-from nin.device import autocast, environment, grad_scaler, pick_device, place_model
+from nin.device import (
+    autocast,
+    environment,
+    grad_scaler,
+    memory_budget,
+    pick_device,
+    place_model,
+)
 from nin.distributed import (
     World,
     all_gather,
@@ -57,6 +64,7 @@ from nin.loaders import make_loader
 from nin.models import check_input, count_parameters, create_model, xavier_init_
 from nin.plots import curves_figure
 from nin.presets import PRESETS
+from nin.resources import training_bytes
 from nin.watch import TrainingWatch
 
 
@@ -238,6 +246,7 @@ def start_run(
     if config.data:
         note_folder(config, run_dir, world.main, resume, log, train_loader.note)
     num_classes = len(train_loader.classes)
+    check_memory(config, train_loader, num_classes, device)
     model = build_model(config, train_loader, num_classes)
     if world.active:  # the same weights everywhere (DDP broadcasts them), other dropout masks
         torch.manual_seed(config.seed + 1000 * world.rank)
@@ -427,6 +436,27 @@ def introduction(config: TrainConfig, device: torch.device, why: str, world: Wor
             "(~5.5 hours for 10 epochs); it is meant for a GPU"
         )
     return line
+
+
+def check_memory(
+    config: TrainConfig, loader: DeviceLoader, num_classes: int, device: torch.device
+) -> None:
+    """Refuse, before allocating it, a training step that cannot fit in the free memory."""
+    side = loader.preprocess.side or loader.images.shape[-1]
+    size = (loader.images.shape[1], side, side)
+    optimizer = "momentum" if config.momentum else "sgd"
+    kwargs = {"num_classes": num_classes, **config.model_kwargs}
+    try:
+        need = training_bytes(config.model, size, loader.batch_size, optimizer, **kwargs)
+    except RuntimeError:  # the model cannot take this size: `build_model` says so
+        return
+    free = 2 * memory_budget(device)
+    if need > free:
+        raise NinError(
+            f"training {config.model} on {side}×{side} images in batches of {loader.batch_size} "
+            f"needs about {need / 1e9:.1f} GB (`nin resources` shows where), but {device} has "
+            f"{free / 1e9:.1f} GB free; lower --batch-size or --resize"
+        )
 
 
 def build_model(config: TrainConfig, loader: DeviceLoader, num_classes: int) -> nn.Module:
