@@ -5,10 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import nin.train
 from nin.cli import build_parser, main
-from nin.config import FIELDS, TrainConfig, make_config, saved_config
+from nin.config import FIELDS, TrainConfig, make_config, read_config_file, saved_config
+from nin.errors import NinError
 from nin.presets import PRESETS
 
 # A value for every field that differs from every preset's, and the flag words that set it.
@@ -95,7 +98,7 @@ def test_a_toml_config_and_its_mistakes(trained: list[TrainConfig], tmp_path: Pa
     for text, message in (
         ('{"epochs": "ten"}', "--epochs must be int, got 'ten'"),
         ('{"amp": 1}', "--amp must be bool, got 1"),
-        ('{"epoch": 3}', "unknown settings epoch"),
+        ('{"epoch": 3}', "unknown settings 'epoch'"),
         ('{"lr": 0.1', "not valid json"),
         ("[1, 2]", "not a table of settings"),
     ):
@@ -120,3 +123,41 @@ def test_presets_carry_notes_and_share_their_base() -> None:
         "xavier",
     )
     assert (d2l.momentum, d2l.weight_decay, d2l.label_smoothing, d2l.amp) == (0, 0, 0, False)
+
+
+# Any JSON value: what an untrusted config.json may hold.
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+# Mostly real setting names (a tenth not), to reach past the first check.
+SETTINGS = st.dictionaries(st.sampled_from(sorted(FIELDS) * 9 + ["", "epoch\n"]), JSON, max_size=4)
+KWARGS = st.just({}) | st.dictionaries(
+    st.sampled_from(["num_pointwise", "batch_norm", "dropout", "head", "final_relu", "width"]),
+    JSON,
+    max_size=2,
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    values=SETTINGS, kwargs=KWARGS, model=st.sampled_from(["nin_compact", "nin_fast", "nin_d2l"])
+)
+def test_any_config_file_is_a_config_or_one_line(values, kwargs, model, tmp_path: Path) -> None:
+    """Whatever a config file holds: a checked TrainConfig, or a NinError; never another
+    exception, a hang, or an allocation (the model is only ever built on the meta device)."""
+    path = tmp_path / "fuzz.json"
+    path.write_text(json.dumps({**values, "model": model, "model_kwargs": kwargs}, allow_nan=True))
+    try:
+        found = read_config_file(path)
+        preset = found.pop("preset", "compact")
+        config = make_config(preset if isinstance(preset, str) else "compact", **found)
+    except NinError as e:
+        assert "\n" not in str(e)
+        return
+    assert isinstance(config, TrainConfig) and config.epochs >= 1 and config.lr > 0

@@ -8,6 +8,7 @@ TOML file of your own) rebuilds the same config.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import typing
@@ -183,7 +184,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise NinError(f'{path}: not a table of settings; write {{"epochs": 3, ...}}')
     unknown = sorted(set(values) - set(FIELDS) - set(RUN_RECORD))
     if unknown:
-        raise NinError(f"{path}: unknown settings {', '.join(unknown)}; see `nin train --help`")
+        names = ", ".join(repr(k)[:40] for k in unknown)
+        raise NinError(f"{path}: unknown settings {names}; see `nin train --help`")
     return {k: v for k, v in values.items() if k in FIELDS}
 
 
@@ -197,7 +199,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
             raise NinError(f"--{flag(name)} must be {kind.__name__}, got {value!r}")
     model_info(config.model)
     dataset_spec(config.dataset)
-    check_model_kwargs(config.model_kwargs)
+    check_model_kwargs(config.model, config.model_kwargs)
     try:
         with torch.device("meta"):  # builds the model without allocating its weights
             create_model(config.model, **config.model_kwargs)
@@ -244,9 +246,14 @@ MAX_SIDE = 4096  # --resize: past this, one image's activations alone outgrow mo
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def check_model_kwargs(kwargs: dict[str, Any]) -> None:
-    """Model keyword arguments are plain values of a sane size, and not what the data sets."""
+def check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
+    """Model keyword arguments are plain values of a sane size and of the builder's types
+    (where its signature says), and not what the data sets."""
+    params = inspect.signature(model_info(model).build).parameters
     for key, value in kwargs.items():
+        default = params[key].default if key in params else None
+        if isinstance(default, bool | int | float | str) and not fits(value, type(default)):
+            raise NinError(f"--model-kwargs {key} must be {type(default).__name__}, got {value!r}")
         if key in ("num_classes", "in_channels"):
             raise NinError(f"--model-kwargs cannot set {key}: the data does")
         if not isinstance(value, bool | int | float | str | None):
@@ -257,6 +264,13 @@ def check_model_kwargs(kwargs: dict[str, Any]) -> None:
             and not (math.isfinite(value) and abs(value) <= MAX_SIDE)
         ):
             raise NinError(f"--model-kwargs {key} must be at most {MAX_SIDE}, got {value}")
+
+
+def fits(value: Any, kind: type) -> bool:
+    """Whether a JSON value is of `kind` (an int will do for a float; a bool is no number)."""
+    if kind is bool or isinstance(value, bool):
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, int | float) if kind is float else isinstance(value, kind)
 
 
 def flag(name: str) -> str:
