@@ -492,7 +492,7 @@ CASES = [
     Case("cli", "a hundred million 1×1 convolutions",
          train_with("--model-kwargs", '{"num_pointwise": 100000000}'), "must be at most 4096"),
     Case("cli", "model kwargs not a plain value",
-         train_with("--model-kwargs", '{"dropout": [0.5]}'), "must be a number, a string"),
+         train_with("--model-kwargs", '{"dropout": [0.5]}'), "dropout must be float, got [0.5]"),
     Case("cli", "resize past any screen", train_with("--resize", "100000"),
          "--resize must be at most 4096"),
     Case("cli", "a training step larger than the memory",
@@ -629,7 +629,9 @@ def test_bad_input_gets_one_clear_line(case, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "pwned").exists()
     assert Path(os.devnull).is_char_device()
     message = lines[0].replace(str(tmp_path), "…")
-    MESSAGES[f"{case.group}|{case.what}"] = re.sub(r"\(pid \d+\)", "(pid N)", message)
+    MESSAGES[f"{case.group}|{case.what}"] = re.sub(
+        r"\(pid \d+\)", "(pid N)", re.sub(r"[\d.]+ GB free", "N GB free", message)
+    )
 
 
 def content(path: Path) -> bytes | str:

@@ -391,18 +391,18 @@ def read_cifar(
     path = Path(path)
     fix = f"delete {path.parent} and run again to unpack a fresh copy"
     try:
-        size = path.stat().st_size  # before reading: a huge or sparse file is refused unread
-        if not path.is_file() or (records and size != records * CIFAR_RECORD):
-            raise NinError(f"{path}: not a CIFAR batch file of {records} records; {fix}")
+        if path.exists() and not path.is_file():  # a FIFO or a device would be read forever
+            raise NinError(f"{path}: not a regular file; {fix}")
+        size = path.stat().st_size  # checked before reading: a huge or sparse file stays unread
+        expected = records * CIFAR_RECORD
+        if (records and size != expected) or not size or size % CIFAR_RECORD:
+            need = f"{expected} bytes" if records else f"a multiple of {CIFAR_RECORD} bytes"
+            raise NinError(f"{path}: holds {size} bytes, not {need} of CIFAR records; {fix}")
         data = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
         raise NinError(f"{path}: file not found") from None
     except OSError as e:
         raise NinError(f"{path}: cannot be read ({e.strerror or e}); {fix}") from None
-    expected = records * CIFAR_RECORD
-    if (records and data.size != expected) or not data.size or data.size % CIFAR_RECORD:
-        need = f"{expected} bytes" if records else f"a multiple of {CIFAR_RECORD} bytes"
-        raise NinError(f"{path}: holds {data.size} bytes, not {need} of CIFAR records; {fix}")
     data = data.reshape(-1, CIFAR_RECORD)
     labels = data[:, 0]
     if labels.max() >= num_classes:
