@@ -184,8 +184,8 @@ def report(out: Path) -> None:
     table = "\n".join(f"| {label} | {paper} | {rest} |" for label, paper, rest in rows)
     text = f"""
 Written by `python benchmarks/results.py --threads 1`. Test error in %, lower is better. The
-paper's numbers are Lin, Chen & Yan, *Network in Network* (arXiv 1312.4400), as collected in
-REFERENCE.md (CIFAR-10: its augmented row, translations and flips). Wall time is the whole run
+paper's numbers are those Lin, Chen & Yan, *Network in Network* (arXiv 1312.4400), report
+(CIFAR-10: its augmented row, translations and flips). Wall time is the whole run
 (data loading, training, evaluation after each epoch); images/s counts training images only.
 Every number below was measured; rows that need a GPU say "not measured" and carry no estimate.
 The runs shared 2 CPU cores with other jobs, so one torch thread each (far faster than two

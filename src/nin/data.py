@@ -220,9 +220,21 @@ def ensure_files(
     An archive data set whose folder is already unpacked is used as is, archive or not.
     """
     spec = dataset_spec(name)
-    folder = data_root(data_dir) / (spec.folder or name)
+    root = data_root(data_dir)
+    try:
+        return _ensure(spec, root / (spec.folder or name), mirrors or spec.mirrors, splits)
+    except NinError as e:
+        if root.exists() or not (data_dir or os.environ.get("NIN_DATA_DIR")):
+            raise
+        given = "--data-dir" if data_dir else "NIN_DATA_DIR"
+        raise NinError(f"{e} ({given} names {root}, which does not exist: a typo?)") from None
+
+
+def _ensure(
+    spec: DatasetSpec, folder: Path, mirrors: tuple[str, ...], splits: tuple[str, ...]
+) -> dict[str, Path]:
     if spec.unpacks_to:
-        return _ensure_unpacked(spec, folder, mirrors or spec.mirrors, splits)
+        return _ensure_unpacked(spec, folder, mirrors, splits)
     paths = {}
     for key, (filename, md5) in spec.files.items():
         if key.split("_")[0] not in splits:
@@ -231,7 +243,7 @@ def ensure_files(
         if path.exists():
             _check_md5(path, md5)
         else:
-            _download_from_mirrors(path, md5, mirrors or spec.mirrors, "four .gz files")
+            _download_from_mirrors(path, md5, mirrors, "four .gz files")
         paths[key] = path
     return paths
 

@@ -15,7 +15,8 @@ TITLE = "Idea: a 1×1 convolution is a fully connected layer per pixel"
 
 
 def run_linear(ctx: Context) -> dict[str, Any]:
-    """1×1 convolution ≡ Linear at every pixel (numerically), and spec 002's parameter counts."""
+    """1×1 convolution ≡ Linear at every pixel (numerically), and the compared parameter
+    counts."""
     torch.manual_seed(0)
     conv = nn.Conv2d(96, 256, 1)
     linear = nn.Linear(96, 256)
@@ -46,7 +47,7 @@ def run_linear(ctx: Context) -> dict[str, Any]:
 
 
 def render_linear(r: dict[str, Any], ctx: Context) -> str:
-    """The 1×1 ≡ Linear write-up with spec 002's comparison."""
+    """The 1×1 ≡ Linear write-up with the parameter-count comparison."""
     diff = r["max_abs_difference"]
     return fill(
         "linear", "body", r=r, diff=diff,
