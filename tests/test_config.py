@@ -161,3 +161,14 @@ def test_any_config_file_is_a_config_or_one_line(values, kwargs, model, tmp_path
         assert "\n" not in str(e)
         return
     assert isinstance(config, TrainConfig) and config.epochs >= 1 and config.lr > 0
+
+
+def test_train_help_shows_what_each_preset_sets(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, preset in PRESETS.items():
+        assert f"{name}: " in shown, name
+        for key, value in preset.settings.items():
+            assert f"{key.replace('_', '-')} {value}" in shown, (name, key)
+    assert "defaults: model nin_compact, dataset fashion-mnist" in shown

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -253,6 +254,28 @@ def add_config_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         )
 
 
+def preset_settings() -> str:
+    """What each preset sets, and the defaults of the rest, for `nin train --help`."""
+    import textwrap
+
+    from nin.config import FIELDS
+    from nin.presets import PRESETS
+
+    def line(name: str, settings: dict) -> str:
+        pairs = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in settings.items())
+        return textwrap.fill(pairs, 78, initial_indent=f"  {name}: ", subsequent_indent="    ",
+                             break_on_hyphens=False)  # fmt: skip
+
+    defaults = {
+        k: f.default
+        for k, f in FIELDS.items()
+        if k != "preset" and f.default is not None and f.default is not dataclasses.MISSING
+    }
+    lines = ["what each preset sets; every other setting keeps its default:"]
+    lines += [line(name, preset.settings) for name, preset in PRESETS.items()]
+    return "\n".join([*lines, line("defaults", defaults)])
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """A model name, and the input size and classes to build it for."""
     parser.add_argument("model", help="a registered model name (see `nin models`)")
@@ -331,6 +354,8 @@ def add_training_commands(sub: Any) -> None:
         help="train a model; prints the chapter's summary line",
         description="Train NiN. Every option left unset takes the preset's value (or the "
         "--config file's).",
+        epilog=preset_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     notes = "; ".join(f"{name}: {preset.note}" for name, preset in PRESETS.items())
     p.add_argument(
