@@ -185,3 +185,35 @@ def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(
     assert main(["export", str(run_dir), "--format", fmt, "--out", str(small / "model")]) == 1
     one_line_error(capsys, "No space left on device")
     assert list(small.iterdir()) == []
+
+
+def test_onnx_of_pictures_preprocesses_inside(tmp_path: Path, data_dir: Path) -> None:
+    """`--images`: uint8 pictures of any size in; on 28×28 test images the file gives the
+    probabilities `nin predict` computes, and on enlarged, non-square ones its classes."""
+    import onnxruntime
+    from PIL import Image
+
+    from nin.data import load_split
+    from nin.predict import load_predictor
+
+    bundled = Path(__file__).resolve().parents[1] / "src" / "nin" / "pretrained" / "fashion-mnist"
+    out = tmp_path / "pictures.onnx"
+    assert main(["export", str(bundled), "--images", "--out", str(out)]) == 0
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images, labels = load_split("fashion-mnist", "test", str(data_dir))
+    batch = images[:16]  # (16, 1, 28, 28)
+    (logits,) = session.run(["logits"], {"images": batch.permute(0, 2, 3, 1).numpy()})
+    predictor = load_predictor(bundled="fashion-mnist")
+    expected = predictor.probabilities(batch)
+    assert torch.allclose(torch.from_numpy(logits).softmax(1), expected, atol=1e-4)
+    # Enlarged 4× and set on a wider black canvas: padding and resizing happen in the graph.
+    wide = torch.zeros((16, 112, 168, 1), dtype=torch.uint8)
+    big = torch.nn.functional.interpolate(batch.float(), scale_factor=4, mode="nearest")
+    wide[:, :, 28:140, 0] = big[:, 0].to(torch.uint8)
+    (logits,) = session.run(["logits"], {"images": wide.numpy()})
+    pictures = [Image.fromarray(w[:, :, 0].numpy()) for w in wide]  # as `nin predict` reads them
+    classes = [predictor.predict(p, top_k=1, invert=False).top[0][0] for p in pictures]
+    agree = (torch.from_numpy(logits).argmax(1) == torch.tensor(classes)).float().mean()
+    assert agree >= 14 / 16  # Pillow's and the graph's resizing differ by rounding only
+    metadata = onnxruntime.InferenceSession(str(out)).get_modelmeta().custom_metadata_map
+    assert metadata["nin.input"].startswith("uint8 (batch, height, width, 1) of any size")

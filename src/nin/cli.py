@@ -194,7 +194,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     model, config = load_checkpoint(args.checkpoint)
     out = Path(args.out) if args.out else default_out(args.checkpoint, args.format)
-    print(format_result(export_model(model, config, out, args.format, args.force)))
+    result = export_model(model, config, out, args.format, args.force, args.images)
+    print(format_result(result))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -451,6 +452,12 @@ def add_shipping_commands(sub: Any) -> None:
     )
     p.add_argument("checkpoint", help="a run directory or its model.safetensors")
     p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
+    p.add_argument(
+        "--images",
+        action="store_true",
+        help="take uint8 pictures (batch, height, width, channels) of any size: padding, "
+        "resizing and normalisation inside the file, as `nin predict` does (no inversion)",
+    )
     p.add_argument("--out", help="default: model.onnx or model.pt2 in the run directory")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_export)
