@@ -437,3 +437,13 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(
     # The checkpoint due at step 6 found the weights blown up and was not written.
     assert json.loads(metadata["state"])["run"]["step"] == 3
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model."))
+
+
+def test_on_epoch_gets_each_epochs_row(data_dir, tmp_path):
+    rows = []
+    config = make_config(
+        "compact", data_dir=str(data_dir), out=str(tmp_path / "run"), epochs=2,
+        train_subset=512, test_subset=256, batch_size=128,
+    )  # fmt: skip
+    result = train(config, log=lambda line: None, on_epoch=rows.append)
+    assert [r["epoch"] for r in rows] == [1, 2] and rows == result["history"]

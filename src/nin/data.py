@@ -221,13 +221,19 @@ def ensure_files(
     """
     spec = dataset_spec(name)
     root = data_root(data_dir)
+    folder = root / (spec.folder or name)
+    had = root.exists(), folder.exists()
     try:
-        return _ensure(spec, root / (spec.folder or name), mirrors or spec.mirrors, splits)
+        return _ensure(spec, folder, mirrors or spec.mirrors, splits)
     except NinError as e:
-        if root.exists() or not (data_dir or os.environ.get("NIN_DATA_DIR")):
-            raise
-        given = "--data-dir" if data_dir else "NIN_DATA_DIR"
-        raise NinError(f"{e} ({given} names {root}, which does not exist: a typo?)") from None
+        given = (
+            "--data-dir" if data_dir else "NIN_DATA_DIR" if os.environ.get("NIN_DATA_DIR") else ""
+        )
+        if given and not had[0]:
+            raise NinError(f"{e} ({given} names {root}, which does not exist: a typo?)") from None
+        if given and not had[1]:
+            raise NinError(f"{e} ({given} names {root}, which holds no {folder.name}/)") from None
+        raise
 
 
 def _ensure(

@@ -154,6 +154,7 @@ class Run:
     state: RunState
     record: dict[str, Any]  # the config.json: settings, data shape, environment, result
     evaluation: Evaluation | None = None  # of the last epoch this process finished
+    on_epoch: Callable[[dict[str, Any]], None] | None = None  # called with each epoch's row
 
     def stateful(self) -> dict[str, Any]:
         """The pieces a checkpoint saves and a resume restores, each with a state_dict."""
@@ -169,15 +170,25 @@ class Run:
         return {k: v for k, v in pieces.items() if v is not None}
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = print, resume: bool = False) -> dict:
+def train(
+    config: TrainConfig,
+    log: Callable[[str], None] = print,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict:
     """Train as `config` says, checkpointing as it goes; with `resume`, continue the run saved in
     `config.out` exactly where its last checkpoint left it.
 
-    Returns the final metrics, the per-epoch history, the run directory and the trained model.
-    Under torchrun every process calls this; rank 0 alone logs and writes files.
+    `log` gets each line the run prints; `on_epoch` gets each finished epoch's metrics (the row
+    metrics.jsonl holds: loss, train_acc, test_acc or val_acc, examples_per_sec, ...), to plot
+    them live as d2l's Animator does. Returns the final metrics, the per-epoch history, the run
+    directory and the trained model. Under torchrun every process calls this; rank 0 alone logs,
+    calls `on_epoch` and writes files.
     """
     with contextlib.ExitStack() as hold:  # start_run locks the run directory in it, to the end
-        return train_epochs(start_run(config, log, resume, hold))
+        run = start_run(config, log, resume, hold)
+        run.on_epoch = on_epoch
+        return train_epochs(run)
 
 
 def train_epochs(run: Run) -> dict:
@@ -335,6 +346,8 @@ def end_epoch(run: Run, epoch: int, seconds: float) -> None:
             meta = {"model": run.config.model, "epoch": str(epoch), key: str(accuracy)}
             save_tensors(run.dir / BEST, run.model.state_dict(), meta)
     checkpoint(run, epoch)
+    if run.on_epoch and world.main:
+        run.on_epoch(dict(row))
     run.log(
         f"epoch {epoch}/{run.config.epochs}: loss {loss:.3f}, train acc {train_acc:.3f}, "
         f"{key.replace('_', ' ')} {accuracy:.3f}, {n / seconds:.1f} examples/sec"
