@@ -16,7 +16,7 @@ from PIL import Image
 import nin.folders
 from nin.cli import main
 from nin.config import make_config
-from nin.data import DeviceLoader, Preprocess, load_split
+from nin.data import DeviceLoader, Preprocess, dataset_spec, load_split
 from nin.folders import load_folder
 from nin.loaders import make_loader
 from nin.models import create_model
@@ -24,18 +24,7 @@ from nin.train import train_step
 from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
+CIFAR_CLASSES = list(dataset_spec("cifar10").classes)
 
 
 @pytest.fixture(autouse=True)

@@ -214,9 +214,11 @@ def load_folder(root: str, side: int, channels: int | None = None) -> FolderData
     classes, found = find_images(path)
     if not found:
         raise NinError(f"{path}: no image files ({', '.join(sorted(SUFFIXES))}) in its folders")
-    channels = channels or colour_channels([path / name for name, _ in found])
-    cache = cache_dir() / f"{path.name}-{cache_key(path, found, channels, side)}.safetensors"
+    # Keyed by the channels asked for (0: from the data), so a cached folder's files are not
+    # opened again to tell grey from colour.
+    cache = cache_dir() / f"{path.name}-{cache_key(path, found, channels or 0, side)}.safetensors"
     if not cache.is_file():
+        channels = channels or colour_channels([path / name for name, _ in found])
         write_cache(cache, path, classes, found, channels, side)
     try:
         with safe_open(str(cache), framework="pt") as f:
