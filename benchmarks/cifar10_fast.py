@@ -23,26 +23,25 @@ Not a test: each run takes 10-15 minutes on 2 CPU cores; run nothing else meanwh
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from report import machine, write_section
+from report import (
+    load_run,
+    machine,
+    score_tta_levels,
+    timed_run,
+    write_readme_results,
+    write_section,
+)
 
-from nin.checkpoint import load_checkpoint
-from nin.config import make_config
-from nin.evaluate import evaluate
-from nin.loaders import make_loader
+from nin.files import write_json
 from nin.models import create_model
 from nin.resources import leaf_rows, summarize
 
-SAVED = Path("runs/cifar10-fast")
+SAVED = Path("results/cifar10-fast")  # committed: every figure below is rendered from it
 SEEDS = (0, 1, 2)
 PAPER = 0.9119  # the paper's best CIFAR-10 accuracy (with augmentation)
 TARGETS = (PAPER, 0.93, 0.94)
@@ -62,61 +61,13 @@ LONG_EPOCHS = 27
 
 
 def run(name: str, args: list[str], data_dir: str | None) -> dict[str, Any]:
-    """`nin train ARGS` in a subprocess, timed end to end; its result saved as NAME.json."""
-    out = SAVED / "runs" / name
-    if out.exists():
-        raise SystemExit(f"{out} exists: delete it (or runs/cifar10-fast) to run {name} again")
-    data = ["--data-dir", data_dir] if data_dir else []
-    command = ["nin", "train", "--preset", "cifar10-fast", *args]
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "nin", *command[1:], *data, "--out", str(out)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wall = time.perf_counter() - start
-    config = json.loads((out / "config.json").read_text())
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    if done.returncode:  # a run that stopped (diverged, collapsed) is a result too: say why
-        print(done.stderr, end="", file=sys.stderr)
-        config["result"] = {"error": done.stderr.strip().splitlines()[-1], "wall_seconds": wall}
-    row = {
-        "name": name,
-        "command": shlex.join(command),
-        "machine": machine(),
-        "run_dir": str(out),
-        "wall_seconds": wall,
-        # Interpreter start-up and imports: the part of `wall` the run's own clock misses.
-        "startup_seconds": wall - config["result"]["wall_seconds"],
-        "model": config["model"],
-        "epochs": config["epochs"],
-        "parameters": config["parameters"],
-        "result": config["result"],
-        "history": history,
-    }
-    SAVED.mkdir(parents=True, exist_ok=True)
-    (SAVED / f"{name}.json").write_text(json.dumps(row, indent=1))
-    return row
+    """`nin train --preset cifar10-fast ARGS`, timed end to end; saved as NAME.json."""
+    return timed_run(SAVED, name, "cifar10-fast", args, data_dir)
 
 
 def load(name: str) -> dict[str, Any] | None:
     """A saved run, or None if it has not been run."""
-    path = SAVED / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def score_tta_levels(row: dict[str, Any], data_dir: str | None) -> dict[str, float]:
-    """Validation accuracy of a holdout run's final weights at each test-time augmentation
-    level (the holdout split, never test)."""
-    model, saved = load_checkpoint(row["run_dir"])
-    config = make_config("cifar10-fast", model=saved["model"], holdout=HOLDOUT, data_dir=data_dir)
-    config.channels_last = saved["channels_last"]
-    loader = make_loader(config, "val", torch.device("cpu"))
-    model.to(memory_format=torch.channels_last)
-    return {
-        str(level): evaluate(model, loader, saved["num_classes"], True, level).accuracy
-        for level in (0, 1, 2)
-    }
+    return load_run(SAVED, name)
 
 
 def stage_select(data_dir: str | None, only: list[str] | None) -> None:
@@ -125,8 +76,8 @@ def stage_select(data_dir: str | None, only: list[str] | None) -> None:
         if only and name not in only:
             continue
         row = run(f"select-{name}", [*args, "--holdout", str(HOLDOUT)], data_dir)
-        row["val_acc_by_tta"] = score_tta_levels(row, data_dir)
-        (SAVED / f"select-{name}.json").write_text(json.dumps(row, indent=1))
+        row["val_acc_by_tta"] = score_tta_levels(row, "cifar10-fast", HOLDOUT, (0, 1, 2), data_dir)
+        write_json(SAVED / f"select-{name}.json", row)
 
 
 def stage_final(data_dir: str | None, only: list[str] | None) -> None:
@@ -154,8 +105,7 @@ def flops(model_name: str, **kwargs: Any) -> int:
 
 def run_flops(row: dict[str, Any]) -> int:
     """Forward FLOPs per image of the network a saved run trained."""
-    config = json.loads((Path(row["run_dir"]) / "config.json").read_text())
-    return flops(config["model"], **config["model_kwargs"])
+    return flops(row["model"], **row["model_kwargs"])
 
 
 def time_to(row: dict[str, Any], target: float) -> float | None:
@@ -328,6 +278,7 @@ report. Per-seed times, the validation table and the authors' network under the 
 [docs/results.md](docs/results.md) (written by `python benchmarks/cifar10_fast.py`).
 """
         write_section(readme, "cifar10-fast", summary)
+        write_readme_results(readme)
         print(f"wrote {readme}")
 
 

@@ -6,13 +6,21 @@ Each script owns one section of docs/benchmarks.md, between `<!-- begin NAME -->
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from nin.config import make_config
 from nin.device import describe, environment
-from nin.files import atomic_path
+from nin.files import atomic_path, write_json
 
 
 def machine() -> str:
@@ -36,3 +44,143 @@ def write_section(path: str | Path, name: str, markdown: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def timed_run(
+    saved: Path, name: str, preset: str, args: list[str], data_dir: str | None
+) -> dict[str, Any]:
+    """`nin train --preset PRESET ARGS` in a subprocess, timed end to end (interpreter start-up,
+    data loading, training, evaluations, saving); the run's record saved as SAVED/NAME.json."""
+    out = saved / "runs" / name
+    if out.exists():
+        raise SystemExit(f"{out} exists: delete it to run {name} again")
+    data = ["--data-dir", data_dir] if data_dir else []
+    command = ["nin", "train", "--preset", preset, *args]
+    start = time.perf_counter()
+    with subprocess.Popen(
+        [sys.executable, "-m", "nin", *command[1:], *data, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as done:
+        log = []
+        for line in done.stdout:  # shown as it comes, and kept: the docs quote it
+            print(line, end="", flush=True)
+            log.append(line.rstrip("\n"))
+    wall = time.perf_counter() - start
+    config = json.loads((out / "config.json").read_text())
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    if done.returncode:  # a run that stopped (diverged, collapsed) is a result too: say why
+        config["result"] = {"error": log[-1] if log else "no output", "wall_seconds": wall}
+    row = {
+        "name": name,
+        "command": shlex.join(command),
+        "machine": machine(),
+        "run_dir": str(out),
+        "wall_seconds": wall,
+        # Interpreter start-up and imports: the part of `wall` the run's own clock misses.
+        "startup_seconds": wall - config["result"]["wall_seconds"],
+        "model": config["model"],
+        "model_kwargs": config["model_kwargs"],
+        "epochs": config["epochs"],
+        "parameters": config["parameters"],
+        "result": config["result"],
+        "history": history,
+        "log": log,
+    }
+    write_json(saved / f"{name}.json", row)
+    return row
+
+
+def load_run(saved: Path, name: str) -> dict[str, Any] | None:
+    """A run saved by `timed_run`, or None if it has not been run."""
+    path = saved / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def score_tta_levels(
+    row: dict[str, Any], preset: str, holdout: int, levels: tuple[int, ...], data_dir: str | None
+) -> dict[str, float]:
+    """Validation accuracy of a holdout run's final weights at each test-time augmentation
+    level (on the holdout split, never test)."""
+    from nin.checkpoint import load_checkpoint
+    from nin.evaluate import evaluate
+    from nin.loaders import make_loader
+
+    model, saved = load_checkpoint(row["run_dir"])
+    config = make_config(preset, model=saved["model"], holdout=holdout, data_dir=data_dir)
+    config.channels_last = saved["channels_last"]
+    loader = make_loader(config, "val", torch.device("cpu"))
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return {
+        str(level): evaluate(model, loader, saved["num_classes"], True, level).accuracy
+        for level in levels
+    }
+
+
+def welch(a: list[float], b: list[float]) -> str:
+    """Welch's two-sided t-test of two samples' means, as a short phrase with t and p."""
+    from scipy import stats  # here: the GPU check imports this file without SciPy
+
+    test = stats.ttest_ind(a, b, equal_var=False)
+    return f"Welch's t = {test.statistic:.2f}, p = {test.pvalue:.2g}"
+
+
+def seed_runs(saved: Path, prefix: str) -> list[dict[str, Any]]:
+    """The runs PREFIX-s0, PREFIX-s1, ... saved in SAVED, in seed order, until one is missing."""
+    runs = []
+    while row := load_run(saved, f"{prefix}-s{len(runs)}"):
+        runs.append(row)
+    return runs
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """Mean ± sample std (just the mean for one value)."""
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def write_readme_results(readme: Path = Path("README.md")) -> None:
+    """The README's results table, rendered from the committed runs in results/ (the same data
+    as the pages it links to), so no figure is copied by hand."""
+    fashion = seed_runs(Path("results/fashion-mnist"), "final")
+    mnist = seed_runs(Path("results/mnist"), "mnist")
+    cifar = seed_runs(Path("results/cifar10-fast"), "final")
+
+    def cell(runs: list[dict[str, Any]], what: str, error: bool = False) -> str:
+        if not runs:
+            return "not measured yet"
+        accs = [100 * r["result"]["test_acc"] for r in runs]
+        values = [100 - a for a in accs] if error else accs
+        wall = statistics.mean(r["wall_seconds"] for r in runs) / 60
+        return (
+            f"**{mean_std(values)}% {what}** over {len(runs)} seeds, {wall:.1f} min a run "
+            f"end to end on 2 CPU cores"
+        )
+
+    rows = [
+        ("Fashion-MNIST", "`compact` (`nin_compact`, the default)", cell(fashion, "test accuracy"),
+         "", "[recipe](docs/recipe.md)"),
+        ("Fashion-MNIST", "`d2l` (`nin_d2l`, the chapter's exact setting)",
+         "not measured yet: a GPU's job", "the chapter's printed runs: 0.834–0.867",
+         "[the chapter](docs/chapter.md)"),
+        ("MNIST", "`mnist` (`nin_compact`)", cell(mnist, "test error", error=True),
+         "the paper: 0.47% error", "[results](docs/results.md)"),
+        ("CIFAR-10", "`cifar10-fast` (`nin_fast`)", cell(cifar, "test accuracy"),
+         "the paper: 91.19% (8.81% error), about 300 epochs on a GPU",
+         "[results](docs/results.md#cifar-10-in-minutes-on-a-cpu-nin-train-preset-cifar10-fast)"),
+    ]  # fmt: skip
+    table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    write_section(
+        readme,
+        "results",
+        f"""
+Rendered by `benchmarks/report.py` from the runs committed in `results/`; the page each row links
+to gives its commands, machine and every run.
+
+| data set | preset (network) | result | the paper, the chapter | more |
+|---|---|---|---|---|
+{table}
+""",
+    )

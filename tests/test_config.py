@@ -38,6 +38,7 @@ VALUES = {
     "channels_last": (False, ["--no-channels-last"]),
     "fused": (True, ["--fused"]),
     "bias_lr_scale": (2.0, ["--bias-lr-scale", "2"]),
+    "paper_lr": (True, ["--paper-lr"]),
     "lookahead": (7, ["--lookahead", "7"]),
     "tta": (1, ["--tta", "1"]),
     "compile": (True, ["--compile"]),

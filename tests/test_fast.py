@@ -77,6 +77,33 @@ def test_param_groups_scale_the_batch_norm_lr_and_keep_decay_per_step():
     assert not scales & {id(p) for p in norm["params"]}
 
 
+def test_paper_lr_gives_the_authors_multipliers():
+    """Caffe's blobs_lr/weight_decay: biases 2× without decay; nin_cifar's cccp6 at 0.1×."""
+    model = create_model("nin_cifar")
+    groups = param_groups(model, lr=0.1, weight_decay=1e-4, paper_lr=True)
+    by_id = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs[:-1]:
+        assert by_id[id(conv.weight)] == (0.1, 1e-4)
+        assert by_id[id(conv.bias)] == (0.2, 0.0)
+    cccp6 = convs[-1]
+    assert cccp6.out_channels == 10
+    assert math.isclose(by_id[id(cccp6.weight)][0], 0.01) and by_id[id(cccp6.weight)][1] == 1e-4
+    assert math.isclose(by_id[id(cccp6.bias)][0], 0.01) and by_id[id(cccp6.bias)][1] == 0.0
+    assert len(by_id) == len(list(model.parameters()))
+    # Without the flag, the mark is ignored: one plain group. nin_mnist has no cccp6 mark.
+    assert len(param_groups(model, 0.1, 1e-4)) == 1
+    mnist = param_groups(create_model("nin_mnist"), 0.1, 1e-4, paper_lr=True)
+    assert sorted((g["lr"], g["weight_decay"]) for g in mnist) == [(0.1, 1e-4), (0.2, 0.0)]
+
+
+def test_paper_presets_use_the_authors_multipliers():
+    from nin.config import make_config
+
+    assert make_config("paper-cifar10").paper_lr and make_config("paper-mnist").paper_lr
+    assert not make_config("compact").paper_lr and not make_config("d2l").paper_lr
+
+
 def test_lookahead_pulls_towards_the_average_and_ends_on_it():
     torch.manual_seed(0)
     model = nn.Linear(4, 2)

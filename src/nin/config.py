@@ -87,6 +87,9 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels-last memory format")
     fused: bool = setting(False, "one fused kernel for the SGD update of every parameter")
     bias_lr_scale: float = setting(1.0, "lr multiplier of batch-norm shifts (their wd ÷ it)")
+    paper_lr: bool = setting(
+        False, "the authors' multipliers: biases at 2× lr without weight decay (and cccp6 at 0.1×)"
+    )
     lookahead: int = setting(
         0, "pull the weights towards their running average every N steps (0: off)"
     )

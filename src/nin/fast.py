@@ -2,7 +2,7 @@
 
 Each is a small function or object the training loop calls at one place:
 - `init_whitening_`: set the first convolution to whiten image patches (PCA of the data);
-- `param_groups`: a larger learning rate for batch-norm shifts, the same decay per step;
+- `param_groups`: per-parameter learning rates (batch-norm shifts; the authors' multipliers);
 - `Lookahead`: every few steps, pull the weights towards their running average, and end on it;
 - `tta_logits`: average the logits over flipped and shifted copies of each test image.
 """
@@ -47,29 +47,39 @@ def init_whitening_(model: nn.Module, images: Tensor, eps: float = 5e-4) -> None
 
 
 def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float = 1.0
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    bias_lr_scale: float = 1.0,
+    paper_lr: bool = False,
 ) -> list[dict]:
-    """Optimizer groups: batch-norm shifts (biases) at `bias_lr_scale` × lr, the rest at lr.
+    """Optimizer groups, one per (lr, weight decay) pair, in the model's parameter order.
 
-    Weight decay is divided by the same factor, so every parameter decays by the same
-    fraction per step (airbench's "bias scaler"). Frozen parameters are left out.
+    - `bias_lr_scale`: batch-norm shifts at that multiple of the lr, their weight decay divided
+      by it, so every parameter decays by the same fraction per step (airbench's bias scaler).
+    - `paper_lr`: the authors' Caffe multipliers: every other bias at 2× the lr without weight
+      decay, and a layer the network marks with `lr_scale` (nin_cifar's last 1×1 convolution,
+      the authors' cccp6) at that multiple, weight and bias (its bias without decay).
+
+    Frozen parameters are left out.
     """
-    norm = {
-        id(m.bias) for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None
-    }  # fmt: skip
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if bias_lr_scale == 1:
-        return [dict(params=trainable, lr=lr, weight_decay=weight_decay)]
-    groups = [
-        dict(params=[p for p in trainable if id(p) not in norm], lr=lr, weight_decay=weight_decay),
-        dict(
-            params=[p for p in trainable if id(p) in norm],
-            lr=lr * bias_lr_scale,
-            weight_decay=weight_decay / bias_lr_scale,
-        ),
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for module in model.modules():
+        scale = getattr(module, "lr_scale", 1.0) if paper_lr else 1.0
+        is_norm = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            lr_mult, decay_mult = scale, 1.0
+            if name == "bias" and is_norm and bias_lr_scale != 1:
+                lr_mult, decay_mult = bias_lr_scale, 1 / bias_lr_scale
+            elif name == "bias" and paper_lr:  # a marked layer's bias keeps its scale (cccp6: 0.1)
+                lr_mult, decay_mult = (2.0 if scale == 1 else scale), 0.0
+            groups.setdefault((lr_mult, decay_mult), []).append(param)
+    return [
+        dict(params=params, lr=lr * lr_mult, weight_decay=weight_decay * decay_mult)
+        for (lr_mult, decay_mult), params in groups.items()
     ]
-    return [g for g in groups if g["params"]]
 
 
 class Lookahead:

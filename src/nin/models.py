@@ -310,7 +310,11 @@ def _create_paper(
 @register_model((3, 32, 32), "the paper's CIFAR-10 NiN (Caffe model): 192-channel blocks")
 def nin_cifar(num_classes: int = 10, in_channels: int = 3, **kwargs) -> NiN:
     """Lin et al.'s CIFAR-10 network (see PAPER_CFGS)."""
-    return _create_paper("nin_cifar", num_classes, in_channels, **kwargs)
+    model = _create_paper("nin_cifar", num_classes, in_channels, **kwargs)
+    # The authors' file trains cccp6, the 1×1 convolution to the classes, at 0.1× the rate
+    # (used with `--paper-lr`, see fast.param_groups).
+    [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1].lr_scale = 0.1
+    return model
 
 
 @register_model((1, 28, 28), "the paper's MNIST NiN: its CIFAR-10 structure at 96 channels")

@@ -34,11 +34,13 @@ MODERN = dict(
 )
 
 # The paper's solver (Lin et al.; docs/results.md lists every departure): SGD at 0.1 with
-# momentum 0.9, weight decay 1e-4, batch 128; per-channel normalisation instead of GCN + ZCA
+# momentum 0.9, weight decay 1e-4, batch 128, its per-layer multipliers (biases at 2× the lr
+# without decay, nin_cifar's cccp6 at 0.1×); per-channel normalisation instead of GCN + ZCA
 # whitening, one-cycle annealing instead of lr ÷10 on plateau, and Xavier init instead of
 # Gaussian std 0.05 (with which, as with PyTorch's default, a short run sat at chance).
 PAPER = dict(
     init="xavier",
+    paper_lr=True,
     lr=0.1,
     batch_size=128,
     momentum=0.9,

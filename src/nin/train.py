@@ -262,7 +262,9 @@ def start_run(
     if world.active:  # the same weights everywhere (DDP broadcasts them), other dropout masks
         torch.manual_seed(config.seed + 1000 * world.rank)
     optimizer = torch.optim.SGD(
-        param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale),
+        param_groups(
+            model, config.lr, config.weight_decay, config.bias_lr_scale, config.paper_lr
+        ),
         momentum=config.momentum,
         nesterov=config.nesterov and config.momentum > 0,
         fused=config.fused or None,
