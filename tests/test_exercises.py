@@ -3,6 +3,8 @@
 import json
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -165,4 +167,25 @@ def test_statistics_helpers():
     assert common.differs([0.9, 0.91, 0.9], [0.5, 0.51, 0.5])
     assert not common.differs([0.9, 0.95], [0.91, 0.94])
     assert not common.differs([0.9], [0.1])  # one seed: no noise estimate, no claim
-    assert common.noise([0.9], [0.1]) == "one seed: no estimate of the noise"
+    assert common.noise([0.9], [0.1]) == "no estimate of the seed noise"
+    # The case: +1.56 points over 3 seeds passed a 2-standard-error rule, yet Welch's
+    # test (about 2 degrees of freedom) gives p ≈ 0.17: not beyond noise.
+    a, b = [0.8272, 0.8467, 0.8519], [0.8572, 0.8567, 0.8586]  # docs/exercises: 2 vs 0 1×1s
+    p = common.welch_p(a, b)
+    from scipy import stats
+
+    assert p == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert not common.differs(a, b) and "within seed noise, Welch's p = " in common.noise(a, b)
+    # All at chance on one side, spread on the other: a p, no warning, and a claim.
+    assert common.differs([0.1, 0.1, 0.1], [0.79, 0.80, 0.78])
+
+
+def test_chapter_recipe_runs_in_fp32_and_says_so():
+    ctx = common.Context(common.SCALES["cpu"], 3, Path("."))
+    chapter = common.recipe_config(ctx, "chapter", "reduction")
+    compact = common.recipe_config(ctx, "compact", "pointwise")
+    assert not chapter.amp and not chapter.channels_last
+    assert compact.amp and compact.channels_last
+    assert "the chapter's recipe in fp32," in common.scale_line(ctx, "reduction", "the chapter's")
+    legacy = common.Context(common.SCALES["cpu"], 3, Path("."), precision=common.LEGACY_PRECISION)
+    assert "recipe in bfloat16 autocast" in common.scale_line(legacy, "reduction", "the chapter's")

@@ -23,7 +23,15 @@ from nin.data import load_split
 from nin.device import environment, pick_device
 from nin.errors import NinError
 from nin.exercises import gap, linear, pointwise, reduction, resources, tuning
-from nin.exercises.common import SCALES, Context, Scale, fill, table_rows
+from nin.exercises.common import (
+    LEGACY_PRECISION,
+    PRECISION,
+    SCALES,
+    Context,
+    Scale,
+    fill,
+    table_rows,
+)
 from nin.files import atomic_path, write_json
 
 __all__ = [
@@ -104,6 +112,7 @@ def run_exercises(
                 "results": results,
                 "scale": scale.name,
                 "seeds": seeds,
+                "precision": PRECISION,
                 "command": f"nin exercises {name} --seeds {seeds}" + (" --full" if full else ""),
                 "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
                 "machine": machine(device),
@@ -138,7 +147,8 @@ def write_readme(out: Path) -> Path:
     text = fill("readme", "header", rows=table_rows(rows))
     for name, s in sections.items():
         try:
-            ctx = Context(SCALES[s["scale"]], s["seeds"], out)
+            precision = s.get("precision", LEGACY_PRECISION)
+            ctx = Context(SCALES[s["scale"]], s["seeds"], out, precision=precision)
             markdown = EXERCISES[name].render(s["results"], ctx)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise NinError(

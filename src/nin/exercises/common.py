@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -64,6 +64,14 @@ SCALES = {
 }
 
 
+# Each recipe's precision: the chapter's runs in fp32 as the chapter does; the compact preset's
+# with its own bfloat16 autocast and channels-last. Results saved before the chapter's recipe ran
+# in fp32 (2026-11-22) had bfloat16 for both: LEGACY_PRECISION.
+BF16 = "bfloat16 autocast, channels-last"
+PRECISION = {"chapter": "fp32", "compact": BF16}
+LEGACY_PRECISION = {"chapter": BF16, "compact": BF16}
+
+
 @dataclass
 class Context:
     """What every exercise gets: the scale, seeds, where to write plots, the data directory."""
@@ -74,6 +82,8 @@ class Context:
     data_dir: str | None = None
     device: str | None = None
     log: Callable[[str], None] = print
+    # Each recipe's precision as the runs had it (saved with the results; see PRECISION).
+    precision: dict[str, str] = field(default_factory=lambda: dict(PRECISION))
 
 
 # --- Prose ----------------------------------------------------------------------------------
@@ -108,23 +118,35 @@ def pm(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
-def differs(a: list[float], b: list[float]) -> bool:
-    """Whether two sets of seeds differ by more than twice the standard error of the difference.
+ALPHA = 0.05  # the significance level of every "beyond seed noise"
 
-    False with fewer than two seeds on either side: one run gives no estimate of the noise.
-    """
-    if min(len(a), len(b)) < 2:
-        return False
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
-    return abs(ma - mb) > 2 * se
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """The two-sided p-value of Welch's t-test between two sets of seeds (None with fewer than
+    two seeds on either side, or no spread at all: no estimate of the noise)."""
+    if min(len(a), len(b)) < 2 or (statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0):
+        return None
+    from scipy import stats
+
+    with warnings.catch_warnings():  # one side constant (all at chance): the test still holds
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def differs(a: list[float], b: list[float]) -> bool:
+    """Whether two sets of seeds differ by Welch's t-test at level ALPHA."""
+    p = welch_p(a, b)
+    return p is not None and p < ALPHA
 
 
 def noise(a: list[float], b: list[float]) -> str:
-    """'beyond seed noise', 'within seed noise', or why there is no telling."""
-    if min(len(a), len(b)) < 2:
-        return "one seed: no estimate of the noise"
-    return "beyond seed noise" if differs(a, b) else "within seed noise"
+    """'beyond seed noise (Welch's p = 0.01)', 'within seed noise (p = 0.17)', or why there is
+    no telling."""
+    p = welch_p(a, b)
+    if p is None:
+        return "no estimate of the seed noise"
+    verdict = "beyond seed noise" if p < ALPHA else "within seed noise"
+    return f"{verdict}, Welch's p = {p:.2g}"
 
 
 def table_rows(rows: list[list[Any]]) -> str:
@@ -148,9 +170,10 @@ def scale_line(ctx: Context, exercise: str, recipe: str) -> str:
     subset, epochs = ctx.scale.budgets[exercise]
     size = f"{ctx.scale.resize}×{ctx.scale.resize}" if ctx.scale.resize else "28×28"
     data = f"the first {subset:,} training images" if subset else "the full training split"
+    precision = ctx.precision["chapter" if "chapter" in recipe else "compact"]
     return fill(
         "common", "scale", model=ctx.scale.model, size=size, data=data, recipe=recipe,
-        epochs=plural(epochs, "epoch"), seeds=plural(ctx.seeds, "seed"),
+        epochs=plural(epochs, "epoch"), seeds=plural(ctx.seeds, "seed"), precision=precision,
     )  # fmt: skip
 
 
@@ -160,8 +183,9 @@ def scale_line(ctx: Context, exercise: str, recipe: str) -> str:
 def recipe_config(ctx: Context, recipe: str, exercise: str, **overrides: Any) -> TrainConfig:
     """A TrainConfig for one run: the chapter's recipe or the compact preset's, at this scale.
 
-    The chapter's recipe is plain SGD at lr 0.1, batch 128, Xavier init, no normalisation; it
-    runs here with bfloat16 autocast and channels-last, which change speed, not the method.
+    The chapter's recipe is plain SGD at lr 0.1, batch 128, Xavier init, no normalisation, in
+    fp32 as the chapter runs it; the compact preset's keeps its bfloat16 and channels-last
+    (PRECISION).
     """
     subset, epochs = ctx.scale.budgets[exercise]
     if recipe == "chapter":
@@ -175,8 +199,8 @@ def recipe_config(ctx: Context, recipe: str, exercise: str, **overrides: Any) ->
         train_subset=subset,
         data_dir=ctx.data_dir,
         device=ctx.device,
-        amp=True,
-        channels_last=True,
+        amp=PRECISION[recipe] == BF16,
+        channels_last=PRECISION[recipe] == BF16,
         collapse_steps=0,  # collapses are counted here, not stopped
         stuck_steps=0,
     )

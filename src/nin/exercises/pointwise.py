@@ -69,7 +69,11 @@ def render_pointwise(results: dict[str, Any], ctx: Context) -> str:
         flops=format_count(variants[2]["flops"] - variants[1]["flops"]),
         losses=", ".join(f"{x:.3f}" for x in losses),
         trend=fill("pointwise", "falling" if falling else "not_falling"), best=best,
-        tied=f", tied within seed noise with {', '.join(map(str, sorted(tied)))}" if tied else "",
+        tied=(
+            f", tied within seed noise (Welch's p ≥ 0.05) with {', '.join(map(str, sorted(tied)))}"
+            if tied
+            else ""
+        ),
     )  # fmt: skip
     by_variant = {f"{n} × 1×1": v["curves"] for n, v in sorted(variants.items())}
     plot_mean_curves(by_variant, ctx.out / "pointwise.png")

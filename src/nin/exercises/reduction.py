@@ -21,6 +21,7 @@ from nin.exercises.common import (
     pm,
     recipe_config,
     split_accuracy,
+    welch_p,
     write_up,
 )
 from nin.models import create_model
@@ -93,13 +94,16 @@ def verdict(results: dict[str, Any]) -> tuple[str, list[str]]:
         if differs(results[name]["test_acc"], chapter["test_acc"])
         and mean_std(results[name]["test_acc"])[0] > chapter_mean
     ]  # fmt: skip
+    # Each with its Welch p against the chapter's block.
+    p = {n: welch_p(results[n]["test_acc"], chapter["test_acc"]) for n in better}
+    shown = [f"{n} (p = {p[n]:.2g})" for n in better]
     if failed(chapter):
-        names = ", ".join(better) or "none"
+        names = ", ".join(shown) or "none"
         text = fill("reduction", "failed", clean=", ".join(clean) or "none", better=names)
     else:
         names = "none was better beyond seed noise"
         if better:
-            names = "better beyond seed noise: " + ", ".join(better)
+            names = "better beyond seed noise: " + ", ".join(shown)
         text = fill("reduction", "not_failed", better=names)
     return text, [label for label in ("gradual", "late") if label in better]
 
