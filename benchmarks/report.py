@@ -184,3 +184,19 @@ to gives its commands, machine and every run.
 {table}
 """,
     )
+
+
+def write_transcripts(row: dict[str, Any], readme: Path = Path("README.md")) -> None:
+    """What `nin train` printed in a committed run, as the README (shortened) and
+    docs/training.md (whole) show it: one source, never copied by hand."""
+    log = row["log"]
+    caption = (
+        f"What `nin train` printed in the run saved as `results/{Path(row['run_dir']).parts[1]}/"
+        f"{row['name']}.json` (2 CPU cores, no GPU; {row['wall_seconds'] / 60:.1f} min end to "
+        "end; `make train` prints the same after setting up `.venv`, with `runs/<time>-compact` "
+        "for the folder):"
+    )
+    short = [*log[:3], "...", *log[-3:]] if len(log) > 7 else log
+    for path, lines in ((readme, short), (Path("docs/training.md"), log)):
+        body = "\n".join(lines)
+        write_section(path, "transcript", f"{caption}\n\n```text\n{body}\n```")

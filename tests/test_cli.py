@@ -66,7 +66,9 @@ def test_train_then_eval(tmp_path):
     assert lines[0].startswith("nin: preset compact (the default") and "on cpu" in lines[0]
     assert re.fullmatch(r"epoch 1/1: loss [\d.]+, train acc [\d.]+, test acc [\d.]+, .*", lines[1])
     summary = re.fullmatch(
-        r"loss [\d.]+, train acc [\d.]+, test acc ([\d.]+), [\d.]+ examples/sec on cpu", lines[-1]
+        r"loss [\d.]+, train acc [\d.]+, test acc ([\d.]+)( \(test-time augmentation: [^)]+\))?, "
+        r"[\d.]+ examples/sec on cpu",
+        lines[-1],
     )
     assert summary, lines[-1]
     evaluated = nin("eval", str(run), *common).stdout

@@ -215,5 +215,21 @@ def test_onnx_of_pictures_preprocesses_inside(tmp_path: Path, data_dir: Path) ->
     classes = [predictor.predict(p, top_k=1, invert=False).top[0][0] for p in pictures]
     agree = (torch.from_numpy(logits).argmax(1) == torch.tensor(classes)).float().mean()
     assert agree >= 14 / 16  # Pillow's and the graph's resizing differ by rounding only
+    # Photos: dark objects on light backgrounds are inverted and cut to the object in the graph,
+    # as `nin predict` does (the cut found at another resolution: close, not to the pixel).
+    photos = 255 - wide.numpy()
+    photos[:, :, :20] = 255  # more light background on the left: the object is off-centre
+    (logits,) = session.run(["logits"], {"images": photos})
+    pictures = [Image.fromarray(p[:, :, 0]) for p in photos]
+    found = [predictor.predict(p, top_k=1) for p in pictures]
+    assert all(f.inverted for f in found)
+    agree = torch.from_numpy(logits).argmax(1) == torch.tensor([f.top[0][0] for f in found])
+    assert agree.float().mean() >= 14 / 16
+    photo = Image.open(Path(__file__).resolve().parents[1] / "examples" / "photo.jpg").convert("L")
+    (logits,) = session.run(["logits"], {"images": np.asarray(photo)[None, :, :, None]})
+    expected = predictor.predict(photo, top_k=1).top[0]
+    probs = torch.from_numpy(logits).softmax(1)[0]
+    assert probs.argmax() == expected[0] and abs(probs.max() - expected[2]) < 0.02
     metadata = onnxruntime.InferenceSession(str(out)).get_modelmeta().custom_metadata_map
     assert metadata["nin.input"].startswith("uint8 (batch, height, width, 1) of any size")
+    assert "inverted and cut to its object" in metadata["nin.input"]

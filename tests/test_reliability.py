@@ -37,6 +37,7 @@ import nin.export
 import nin.train
 from nin.checkpoint import lock_run_dir, read_config, save_checkpoint, save_state, save_tensors
 from nin.cli import main
+from nin.config import TYPES, flag
 from nin.data import DATASETS, read_idx
 from nin.distributed import World
 from nin.errors import NinError
@@ -597,6 +598,22 @@ CASES = [
     Case("output", "SIGTERM during an export", sigterm_in_export, "nin: terminated (SIGTERM)",
          143),
 ]  # fmt: skip
+
+# Every numeric setting of `nin train`, generated from TrainConfig so a new one is covered too:
+# not a number, past 32 bits, NaN, infinite. Each gets its flag's one line before any work.
+OWN_RULES = ("seed", "tta", "channels")  # each checked by its own rule, in the rows above
+COUNTS = [n for n, (kind, _) in TYPES.items() if kind is int and n not in OWN_RULES]
+RATES = [n for n, (kind, _) in TYPES.items() if kind is float]
+CASES += [
+    Case("values", f"--{flag(n)} {what}", train_with(f"--{flag(n)}", value), expect, status)
+    for names, what, value, expect, status in (
+        (COUNTS, "not a number", "many", "invalid int value", 2),
+        (COUNTS, "past 32 bits", str(2**64), "must be at most 2,147,483,647", 1),
+        (RATES, "NaN", "nan", "must be", 1),
+        (RATES, "infinite", "inf", "must be", 1),
+    )
+    for n in names
+]
 MESSAGES: dict[str, str] = {}
 
 

@@ -1,5 +1,6 @@
 import json
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +51,19 @@ def test_same_seed_same_metrics(data_dir, tmp_path):
     assert metrics(4, "c") != first
 
 
+def test_elapsed_and_wall_seconds_count_each_second_once(tmp_path, data_dir):
+    """The run's clock: within the time the call took, every epoch later than the one before."""
+    config = make_config(
+        "compact", data_dir=str(data_dir), out=str(tmp_path / "run"), train_subset=500,
+        test_subset=200, epochs=3, batch_size=100, tta=0,
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = train(config, log=lambda line: None)
+    outer = time.perf_counter() - start
+    elapsed = [row["elapsed_seconds"] for row in result["history"]]
+    assert elapsed == sorted(elapsed) and 0 < elapsed[-1] <= result["wall_seconds"] <= outer
+
+
 def test_run_directory_holds_everything(quick_run):
     _, result, out = quick_run
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -66,7 +80,7 @@ def test_checkpoint_reloads_the_trained_model(quick_run):
     assert saved["preset"] == "compact" and saved["result"]["test_acc"] == result["test_acc"]
     device = torch.device("cpu")
     place_model(model, device, config.channels_last)
-    evaluation = evaluate(model, make_loader(config, "test", device), 10, config.amp)
+    evaluation = evaluate(model, make_loader(config, "test", device), 10, config.amp, config.tta)
     assert evaluation.accuracy == accuracy(evaluation.confusion) == result["test_acc"]
     again, _ = load_checkpoint(out / "model.safetensors")  # the weights file names the run too
     pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)

@@ -157,8 +157,13 @@ def make_config(preset: str = "compact", scale_lr: bool = False, **overrides: An
     if scale_lr and "lr" not in given and "batch_size" in given:
         lr, batch = base.get("lr", TrainConfig.lr), base.get("batch_size", TrainConfig.batch_size)
         values["lr"] = lr * given["batch_size"] / batch
-    if "model_kwargs" in given:  # on top of the preset's, not instead of them
-        values["model_kwargs"] = {**base.get("model_kwargs", {}), **given["model_kwargs"]}
+    # A preset's model kwargs are its model's: on top of them when that model is kept, dropped
+    # with it when another is given.
+    kept = values["model"] == base.get("model", TrainConfig.model)
+    values["model_kwargs"] = {
+        **(base.get("model_kwargs", {}) if kept else {}),
+        **given.get("model_kwargs", {}),
+    }
     return check_config(TrainConfig(preset=preset, **values))
 
 
@@ -225,6 +230,12 @@ def check_config(config: TrainConfig) -> TrainConfig:
         raise NinError(f"--seed must be in [0, 2**63), got {config.seed}")
     if config.resize is not None and config.resize > MAX_SIDE:
         raise NinError(f"--resize must be at most {MAX_SIDE}, got {config.resize}")
+    if config.crop_padding > MAX_SIDE:  # the padded batch is allocated whole
+        raise NinError(f"--crop-padding must be at most {MAX_SIDE}, got {config.crop_padding}")
+    for name, (kind, _) in TYPES.items():  # counts past 32 bits overflow the device's integers
+        value = getattr(config, name)
+        if kind is int and name != "seed" and value is not None and value > MAX_COUNT:
+            raise NinError(f"--{flag(name)} must be at most {MAX_COUNT:,}, got {value:,}")
     for name in ("lr", "weight_decay", "momentum", "bias_lr_scale", "label_smoothing"):
         if abs(getattr(config, name)) > FLOAT32_MAX:  # finite in Python, infinite on the device
             raise NinError(
@@ -245,6 +256,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
     return config
 
 
+MAX_COUNT = 2**31 - 1  # every count-like setting (epochs, steps, examples, pixels)
 MAX_SIDE = 4096  # --resize: past this, one image's activations alone outgrow most machines
 FLOAT32_MAX = 3.4028234663852886e38
 

@@ -69,14 +69,27 @@ def sample_inputs(shape: tuple[int, ...], batch: int) -> torch.Tensor:
 
 
 class WithPreprocessing(nn.Module):
-    """The model behind the preprocessing of `nin predict`: uint8 images (batch, height, width,
-    channels) of any size are padded to a square on black, resized to the model's side (bilinear,
-    antialiased), scaled to [0, 1] and normalised, all inside the exported graph."""
+    """The model behind the preprocessing of `nin predict`, all inside the exported graph: uint8
+    images (batch, height, width, channels) of any size are padded to a square on black, resized
+    to the model's side (bilinear, antialiased), scaled to [0, 1] and normalised.
+
+    For a grey model trained on a built-in data set (light objects on black), as `nin predict`
+    does: a picture whose border is light (mean > 127) is inverted and cut to the object (the
+    pixels brighter than the inverted border by 40, plus a 4% margin) before that. The cut is
+    found on the picture padded and resized to WORK× the side, and resampled from it (CROP_SAMPLES²
+    bilinear samples averaged per pixel), so every shape in the graph after the first resize is
+    fixed.
+    """
+
+    WORK = 4  # the working resolution of the cut, in multiples of the model's side
+    CROP_SAMPLES = 4  # samples per output pixel and axis when resampling the cut (antialiasing)
 
     def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
         super().__init__()
         self.model, preprocess = model, Preprocess.for_run(config)
         self.side, self.channels = preprocess.side, config["in_channels"]
+        # As `nin predict`: only grey pictures for a model of a built-in data set are inverted.
+        self.photos = self.channels == 1 and not config.get("data")
         mean = preprocess.mean if preprocess.mean is not None else 0.0
         std = preprocess.std if preprocess.std is not None else 1.0
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -84,13 +97,56 @@ class WithPreprocessing(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float()
+        if not self.photos:
+            return self.model((self.square(x, self.side) / 255 - self.mean) / self.std)
+        edges = [x[:, :, 0, :], x[:, :, -1, :], x[:, :, :, 0], x[:, :, :, -1]]
+        border = torch.cat(edges, dim=2).mean(dim=(1, 2))  # (B,), as predict's border_mean
+        invert = border > 127
+        x = torch.where(invert[:, None, None, None], 255 - x, x)
+        plain = self.square(x, self.side)
+        cut, found = self.cut_to_object(self.square(x, self.WORK * self.side), 255 - border + 40)
+        crop = (invert & found)[:, None, None, None]
+        return self.model((torch.where(crop, cut, plain) / 255 - self.mean) / self.std)
+
+    @staticmethod
+    def square(x: torch.Tensor, side: int) -> torch.Tensor:
+        """Pad to a square on black, the picture in the middle (as ImageOps.pad), and resize."""
         h, w = x.shape[-2], x.shape[-1]
-        s = torch.sym_max(h, w)  # pad to a square, the picture in the middle, as ImageOps.pad
+        s = torch.sym_max(h, w)
         top, left = (s - h) // 2, (s - w) // 2
         x = F.pad(x, (left, s - w - left, top, s - h - top))
-        size = (self.side, self.side)
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return self.model((x / 255 - self.mean) / self.std)
+        return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+
+    def cut_to_object(
+        self, x: torch.Tensor, threshold: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each (1, S, S) picture cut to its object's box plus a margin, squared on black and
+        resampled to the model's side; and whether an object was found (≥ 1% of the pixels)."""
+        size = x.shape[-1]
+        mask = x[:, 0] > threshold[:, None, None]  # (B, S, S)
+        found = mask.float().mean(dim=(1, 2)) >= 0.01
+        index = torch.arange(size, dtype=torch.float32, device=x.device)
+
+        def extent(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            first = torch.where(hit, index, float(size)).amin(dim=1)
+            last = torch.where(hit, index, -1.0).amax(dim=1)
+            return first, last
+
+        y0, y1 = extent(mask.any(dim=2))
+        x0, x1 = extent(mask.any(dim=1))
+        pad = torch.round(0.04 * torch.maximum(y1 - y0, x1 - x0))
+        x0, y0, x1, y1 = x0 - pad, y0 - pad, x1 + 1 + pad, y1 + 1 + pad
+        side = torch.maximum(x1 - x0, y1 - y0).clamp(min=1)
+        left = x0 - torch.floor((side - (x1 - x0)) / 2)  # centred in its square, as ImageOps.pad
+        top = y0 - torch.floor((side - (y1 - y0)) / 2)
+        n = self.side * self.CROP_SAMPLES
+        steps = (torch.arange(n, dtype=torch.float32, device=x.device) + 0.5) / n
+        # Pixel-edge coordinates in the working picture, then grid_sample's [-1, 1].
+        gx = (left[:, None] + steps[None] * side[:, None]) * 2 / size - 1  # (B, n)
+        gy = (top[:, None] + steps[None] * side[:, None]) * 2 / size - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+        sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return F.avg_pool2d(sampled, self.CROP_SAMPLES), found
 
 
 def model_inputs(model: nn.Module, shape: tuple[int, ...], batch: int) -> torch.Tensor:
@@ -239,9 +295,10 @@ def onnx_metadata(
     preprocess = Preprocess.for_run(config)
     given = "float32 (batch, {}, {}, {}): pixels / 255, then (x - mean) / std".format(*shape)
     if isinstance(model, WithPreprocessing):
+        cut = "a light-bordered picture inverted and cut to its object, " if model.photos else ""
         given = (
-            f"uint8 (batch, height, width, {shape[0]}) of any size: padded to a square on black, "
-            f"resized to {shape[1]}×{shape[2]}, scaled and normalised inside"
+            f"uint8 (batch, height, width, {shape[0]}) of any size: {cut}padded to a square on "
+            f"black, resized to {shape[1]}×{shape[2]}, scaled and normalised inside"
         )
     return {
         "nin.model": config["model"],

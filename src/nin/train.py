@@ -77,6 +77,7 @@ class RunState:
         self.history: list[dict[str, Any]] = []  # one row per finished epoch
         self.epoch_seconds = 0.0  # spent on this epoch before the checkpoint resumed from
         self.best_acc = -1.0
+        self.resumed_at = 0.0  # seconds the run had taken when this process took it over
         self.loss_sum = torch.zeros((), device=loader.device)
         self.correct = torch.zeros((), dtype=torch.long, device=loader.device)
         self.order = loader.order_generator.get_state()  # at this epoch's start: redrawn
@@ -122,6 +123,7 @@ class RunState:
             )
         for key in ("epoch", "step", "history", "epoch_seconds", "best_acc", "order"):
             setattr(self, key, state[key])
+        self.resumed_at = self.elapsed
         mine = state["ranks"][self.world.rank]
         self.loss_sum.copy_(mine["loss_sum"])
         self.correct.copy_(mine["correct"])
@@ -262,9 +264,7 @@ def start_run(
     if world.active:  # the same weights everywhere (DDP broadcasts them), other dropout masks
         torch.manual_seed(config.seed + 1000 * world.rank)
     optimizer = torch.optim.SGD(
-        param_groups(
-            model, config.lr, config.weight_decay, config.bias_lr_scale, config.paper_lr
-        ),
+        param_groups(model, config.lr, config.weight_decay, config.bias_lr_scale, config.paper_lr),
         momentum=config.momentum,
         nesterov=config.nesterov and config.momentum > 0,
         fused=config.fused or None,
@@ -335,7 +335,7 @@ def end_epoch(run: Run, epoch: int, seconds: float) -> None:
         "epoch_seconds": seconds,
         "eval_seconds": time.perf_counter() - eval_start,
         # Since the run began (setup included), counting only time spent running it.
-        "elapsed_seconds": state.elapsed + time.perf_counter() - run.began,
+        "elapsed_seconds": state.resumed_at + time.perf_counter() - run.began,
         "lr": run.optimizer.param_groups[0]["lr"],
     }
     state.history.append(row)
@@ -372,7 +372,7 @@ def finish_run(run: Run) -> dict:
     examples = run.train_loader.num_examples * world.size
     speed = len(history) * examples / train_seconds
     run.record["result"] = result = {
-        "wall_seconds": run.state.elapsed + time.perf_counter() - run.began,
+        "wall_seconds": run.state.resumed_at + time.perf_counter() - run.began,
         "loss": history[-1]["loss"],
         "train_acc": history[-1]["train_acc"],
         key: evaluation.accuracy,
