@@ -149,21 +149,20 @@ def make_config(preset: str = "compact", scale_lr: bool = False, **overrides: An
     `scale_lr` applies the linear scaling rule (Goyal et al., 2017) to a changed batch size:
     the preset's learning rate times new batch / preset batch, unless an lr is given too.
     """
-    if preset not in PRESETS:
-        raise NinError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if not isinstance(preset, str) or preset not in PRESETS:  # a config file may hold anything
+        raise NinError(f"unknown preset {preset!r:.60}; choose one of: {', '.join(PRESETS)}")
     base = PRESETS[preset].settings
     given = {k: v for k, v in overrides.items() if v is not None}
     values = {**base, **given}
-    if scale_lr and "lr" not in given and "batch_size" in given:
+    if scale_lr and "lr" not in given and type(given.get("batch_size")) is int:
         lr, batch = base.get("lr", TrainConfig.lr), base.get("batch_size", TrainConfig.batch_size)
         values["lr"] = lr * given["batch_size"] / batch
     # A preset's model kwargs are its model's: on top of them when that model is kept, dropped
     # with it when another is given.
-    kept = values["model"] == base.get("model", TrainConfig.model)
-    values["model_kwargs"] = {
-        **(base.get("model_kwargs", {}) if kept else {}),
-        **given.get("model_kwargs", {}),
-    }
+    kept = values.get("model", TrainConfig.model) == base.get("model", TrainConfig.model)
+    kwargs = given.get("model_kwargs", {})
+    if isinstance(kwargs, dict):  # else check_config says what it must be
+        values["model_kwargs"] = {**(base.get("model_kwargs", {}) if kept else {}), **kwargs}
     return check_config(TrainConfig(preset=preset, **values))
 
 
