@@ -408,15 +408,16 @@ def step_speed(check: Check, record: dict, deadline: float) -> None:
 
     code = run_child(command, check.out / "speed.log", deadline, check.env(), poll)
     figures = record.get("figures") or {}
-    ref, ours = figures.get("reference"), figures.get("ours")
+    ref, ours, fast = figures.get("reference"), figures.get("ours"), figures.get("fast")
     parts = [
         f"{label} {run['images_per_sec']:,.0f} images/s"
         + (f" (MFU {mfu(figures, run):.1%})" if mfu(figures, run) is not None else "")
-        for label, run in (("textbook", ref), ("ours", ours))
+        for label, run in (("textbook", ref), ("ours fp32", ours), ("ours bf16", fast))
         if run
     ]
-    if ref and ours:
-        parts.append(f"ours ÷ textbook {ours['images_per_sec'] / ref['images_per_sec']:.1f}×")
+    for label, run in (("ours fp32", ours), ("ours bf16", fast)):
+        if ref and run:
+            parts.append(f"{label} ÷ textbook {run['images_per_sec'] / ref['images_per_sec']:.1f}×")
     record["why"] = ", ".join(parts)
     if code is None:
         so_far = f" ({record['why']})" if parts else ""

@@ -163,8 +163,10 @@ Written by `python benchmarks/results.py` from the runs in `results/mnist/` (one
 run: its command, machine, every epoch's metrics and its output). Test error in %, lower is
 better. The paper's numbers are those Lin, Chen & Yan, *Network in Network* (arXiv 1312.4400),
 report (CIFAR-10: its augmented row, translations and flips). Wall time is the whole command,
-end to end; images/s counts training images only. Every number below was measured, one run at a
-time; rows that need a GPU say "not measured" and carry no estimate.
+end to end; images/s counts training images only. Every number below was measured, one training
+run at a time; rows that need a GPU say "not measured" and carry no estimate. The test suite shared
+the 2 cores during some of these runs, and `select-e8-lookahead` was paused for about 9 minutes
+mid-run, so read wall times and images/s here as a busy machine's (errors are unaffected).
 
 | row | paper | ours | command | machine | wall time | images/s |
 |---|---|---|---|---|---|---|
