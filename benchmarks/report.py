@@ -145,7 +145,7 @@ def write_readme_results(readme: Path = Path("README.md")) -> None:
     """The README's results table, rendered from the committed runs in results/ (the same data
     as the pages it links to), so no figure is copied by hand."""
     fashion = seed_runs(Path("results/fashion-mnist"), "final")
-    mnist = seed_runs(Path("results/mnist"), "mnist")
+    mnist = seed_runs(Path("results/mnist"), "final")
     cifar = seed_runs(Path("results/cifar10-fast"), "final")
 
     def cell(runs: list[dict[str, Any]], what: str, error: bool = False) -> str:
@@ -153,6 +153,9 @@ def write_readme_results(readme: Path = Path("README.md")) -> None:
             return "not measured yet"
         accs = [100 * r["result"]["test_acc"] for r in runs]
         values = [100 - a for a in accs] if error else accs
+        if error:  # these runs shared the machine (docs/results.md): their times say little
+            worst = max(values)
+            return f"**{mean_std(values)}% {what}** over {len(runs)} seeds (worst {worst:.2f}%)"
         wall = statistics.mean(r["wall_seconds"] for r in runs) / 60
         return (
             f"**{mean_std(values)}% {what}** over {len(runs)} seeds, {wall:.1f} min a run "
