@@ -145,7 +145,7 @@ def main() -> None:
         + "; ".join(f"{kind}: {' and '.join(flags)}" for kind, flags in verdicts.items() if flags)
         + (
             ". What does not pay here stays off on the CPU; the flags turn it on (e.g. on a GPU). "
-            "Step timings on this shared 2-core machine vary by about 10% from run to run."
+            "Step timings on the 2-core machine measured here vary by about 10% from run to run."
         )
     )
     evals = {mode: eval_speed(args.data_dir, mode) for mode in ("no_grad", "inference_mode")}

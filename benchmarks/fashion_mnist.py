@@ -37,6 +37,7 @@ from report import (
     write_transcripts,
 )
 
+from nin.fast import TTA_LEVELS as TTA_NAMES
 from nin.files import write_json
 from nin.presets import PRESETS
 
@@ -210,11 +211,17 @@ def report(out: Path, readme: Path = Path("README.md")) -> None:
         f"{r['wall_seconds']:.0f} s | {r['result']['examples_per_sec']:.0f} |"
         for r in [*finals, *before]
     )
-    comparison = ""
+    comparison, before_note = "", ""
+    if before:
+        before_note = (
+            " The `before` runs (the recipe shipped before this search) and the finals may come"
+            " from different days, whose speeds differed by up to 1.8× here: compare them by"
+            " accuracy, not time."
+        )
     if len(before) > 1 and len(finals) > 1:
         gain = statistics.mean(accs) - statistics.mean(test_accs(before))
         comparison = (
-            f"Against the recipe shipped before this search ({', '.join(BEFORE)} on the same "
+            f"Against the recipe shipped before this search (`{' '.join(BEFORE)}` on the same "
             f"seeds): {mean_std(test_accs(before))}, a difference of {gain:+.2f} points; "
             f"{welch(accs, test_accs(before))} (two-sided, {len(accs)} and {len(before)} seeds)."
         )
@@ -234,6 +241,7 @@ def report(out: Path, readme: Path = Path("README.md")) -> None:
         f"{reached} of {len(finals)} seeds reached 94%, {within} of {len(finals)} ran within "
         f"{BUDGET / 60:.0f} minutes."
     )
+    tta, flips = preset.get("tta", 0), "random flips, " if preset.get("flip") else ""
     text = f"""
 Written by `python benchmarks/fashion_mnist.py` from the runs in `results/fashion-mnist/` (one
 JSON file per run: its command, machine, every epoch's metrics and its output); {where}.
@@ -242,17 +250,18 @@ The default preset, `nin train` (`--preset compact`: `nin_compact` at 28×28,
 {preset["epochs"]} epochs, batch {preset["batch_size"]}, Nesterov SGD at one-cycle lr
 {preset["lr"]}, weight decay {preset["weight_decay"]}, label smoothing
 {preset["label_smoothing"]}, dropout {preset.get("model_kwargs", {}).get("dropout", 0.5)}
-before the last block, test-time flips
-`--tta {preset.get("tta", 0)}`, bfloat16 and channels-last):
+before the last block, {flips}test-time augmentation `--tta {tta}` ({TTA_NAMES[tta]}),
+bfloat16 and channels-last):
 
 {headline}. {verdict} The aim was 94% within 5 minutes on 2 CPU cores: not reached.
 
 Where the frontier lies: on the day of these runs the machine trained at {speed:,.0f} images/s
 (an epoch and its evaluation every {epoch_seconds:.0f} s), so 5 minutes held about
-{(BUDGET - finals[0]["startup_seconds"]) / epoch_seconds:.0f} epochs; on 2026-11-22 the same
-code ran at 2,198 images/s (docs/benchmarks.md), and the 8 epochs took under 4 minutes (the
-same network and code, checked side by side on the day: the machine, not the code, was
-slower). The figure shows test accuracy against minutes for each final run, after every epoch
+{(BUDGET - finals[0]["startup_seconds"]) / epoch_seconds:.0f} epochs. On 2026-11-22 the earlier
+default (the same network) trained 8 epochs in under 4 minutes (that day's
+`benchmarks/cpu_default.py`; checked side by side on the day of these runs: the machine, not the
+code, was slower).
+The figure shows test accuracy against minutes for each final run, after every epoch
 (without test-time augmentation): first past 93% at {first_past(finals, 93)}, past 93.5% at
 {first_past(finals, 93.5)}; the one-cycle schedule gains most in its last epochs.
 
@@ -277,7 +286,7 @@ candidates were taken while other work shared the machine at times; the final ru
 
 Each on all 60,000 training images; the test split read once per run, to report. One run at a
 time; a low-priority job (nice 19, about a minute of CPU in all) shared the machine with some.
-Wall time is the whole command, end to end.
+Wall time is the whole command, end to end.{before_note}
 
 | run | command | test acc % | no TTA | wall time | images/s |
 |---|---|---|---|---|---|

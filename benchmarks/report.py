@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ def timed_run(
         "name": name,
         "command": shlex.join(command),
         "machine": machine(),
+        "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "run_dir": str(out),
         "wall_seconds": wall,
         # Interpreter start-up and imports: the part of `wall` the run's own clock misses.
