@@ -14,7 +14,7 @@ import time
 from datetime import date
 
 import torch
-from report import machine, write_section
+from report import dropout, machine, write_section
 from torch import nn
 
 from nin.checkpoint import new_run_dir
@@ -86,7 +86,6 @@ def main() -> None:
         for r in history
     )
     speed = result["examples_per_sec"]
-    dropout = config.model_kwargs.get("dropout", 0.5)  # nin_compact's default
     text = f"""Written by `python benchmarks/cpu_default.py` (`make benchmark`); every measured
 figure in this section comes from one run of it on {date.today():%Y-%m-%d}.
 
@@ -96,9 +95,10 @@ figure in this section comes from one run of it on {date.today():%Y-%m-%d}.
 - Settings: preset `compact` — `nin_compact` (324,874 parameters) on Fashion-MNIST at 28×28,
   {config.epochs} epochs, batch {config.batch_size}, SGD nesterov momentum {config.momentum},
   one-cycle lr {config.lr}, weight decay {config.weight_decay}, label smoothing
-  {config.label_smoothing}, dropout {dropout}, {augmentation(config)},
-  test-time augmentation: {TTA_LEVELS[config.tta]}, bfloat16 autocast {on(config.amp)},
-  channels-last {on(config.channels_last)}; all 60,000 training and 10,000 test images.
+  {config.label_smoothing}, dropout {dropout(config.model, config.model_kwargs)},
+  {augmentation(config)}, test-time augmentation: {TTA_LEVELS[config.tta]},
+  bfloat16 autocast {on(config.amp)}, channels-last {on(config.channels_last)}; all 60,000
+  training and 10,000 test images.
 - examples/sec is wall-clock time of the training passes *including* data preparation
   (gather, convert, normalise, augment on the device); evaluation is timed separately.
 

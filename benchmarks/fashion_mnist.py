@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from report import (
+    dropout,
     load_run,
     score_tta_levels,
     timed_run,
@@ -213,10 +214,13 @@ def report(out: Path, readme: Path = Path("README.md")) -> None:
     )
     comparison, before_note = "", ""
     if before:
+        speeds = [
+            statistics.mean(r["result"]["examples_per_sec"] for r in rs) for rs in (finals, before)
+        ]
         before_note = (
             " The `before` runs (the recipe shipped before this search) and the finals may come"
-            " from different days, whose speeds differed by up to 1.8× here: compare them by"
-            " accuracy, not time."
+            f" from different days (here {speeds[1]:,.0f} against {speeds[0]:,.0f} training"
+            " images/s): compare them by accuracy, not time."
         )
     if len(before) > 1 and len(finals) > 1:
         gain = statistics.mean(accs) - statistics.mean(test_accs(before))
@@ -249,7 +253,7 @@ JSON file per run: its command, machine, every epoch's metrics and its output); 
 The default preset, `nin train` (`--preset compact`: `nin_compact` at 28×28,
 {preset["epochs"]} epochs, batch {preset["batch_size"]}, Nesterov SGD at one-cycle lr
 {preset["lr"]}, weight decay {preset["weight_decay"]}, label smoothing
-{preset["label_smoothing"]}, dropout {preset.get("model_kwargs", {}).get("dropout", 0.5)}
+{preset["label_smoothing"]}, dropout {dropout(preset["model"], preset.get("model_kwargs", {}))}
 before the last block, {flips}test-time augmentation `--tta {tta}` ({TTA_NAMES[tta]}),
 bfloat16 and channels-last):
 
