@@ -32,6 +32,7 @@ VALUES = {
     "label_smoothing": (0.3, ["--label-smoothing", "0.3"]),
     "flip": (True, ["--flip"]),
     "crop_padding": (3, ["--crop-padding", "3"]),
+    "rotate": (12.5, ["--rotate", "12.5"]),
     "init": ("xavier", ["--init", "xavier"]),
     "normalize": (False, ["--no-normalize"]),
     "amp": (False, ["--no-amp"]),

@@ -1,5 +1,6 @@
 import gzip
 import http.server
+import math
 import shutil
 import socket
 import threading
@@ -19,6 +20,7 @@ from nin.data import (
     load_split,
     md5sum,
     read_idx,
+    rotate,
 )
 from nin.errors import NinError
 
@@ -254,6 +256,32 @@ def test_loader_resizes_and_normalises_in_batch():
     x, _ = next(iter(loader))
     assert x.shape == (4, 1, 224, 224) and x.dtype == torch.float32
     assert torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_rotate_turns_images_about_their_centre():
+    square = torch.rand(3, 1, 7, 7)
+    quarter = rotate(square, torch.full((3,), math.pi / 2))
+    assert torch.allclose(quarter, torch.rot90(square, 1, (2, 3)), atol=1e-5)
+    # On a non-square image a quarter turn moves a point 4 pixels right of the centre to 4
+    # pixels from it vertically (not 4 × height/width).
+    wide = torch.zeros(1, 1, 9, 15)
+    wide[0, 0, 4, 11] = 1.0
+    moved = rotate(wide, torch.tensor([math.pi / 2]))[0, 0]
+    assert torch.allclose(moved[0, 7], torch.tensor(1.0), atol=1e-5)  # row 4 - 4, column 7
+    assert torch.allclose(moved.sum(), torch.tensor(1.0), atol=1e-5)
+
+
+def test_random_rotations_stay_within_the_angle():
+    # One bright pixel 3 to the right of the centre of 9×9: its angle after the augmentation.
+    images = torch.zeros(256, 1, 9, 9, dtype=torch.uint8)
+    images[:, 0, 4, 7] = 255
+    turned, _ = next(iter(DeviceLoader(images, torch.zeros(256).long(), 256, rotate=30.0)))
+    rows, cols = torch.meshgrid(torch.arange(9.0) - 4, torch.arange(9.0) - 4, indexing="ij")
+    mass = turned[:, 0].flatten(1).sum(1)
+    y = (turned[:, 0] * rows).flatten(1).sum(1) / mass
+    x = (turned[:, 0] * cols).flatten(1).sum(1) / mass
+    degrees = torch.atan2(y, x).rad2deg()
+    assert degrees.abs().max() <= 31 and degrees.min() < -20 and degrees.max() > 20
 
 
 def test_augmentation_flips_and_translates():

@@ -183,7 +183,7 @@ def test_chapter_recipe_runs_in_fp32_and_says_so():
     ctx = common.Context(common.SCALES["cpu"], 3, Path("."))
     chapter = common.recipe_config(ctx, "chapter", "reduction")
     compact = common.recipe_config(ctx, "compact", "pointwise")
-    assert not chapter.amp and not chapter.channels_last
+    assert not chapter.amp and chapter.channels_last  # a layout, not a precision
     assert compact.amp and compact.channels_last
     assert "the chapter's recipe in fp32," in common.scale_line(ctx, "reduction", "the chapter's")
     legacy = common.Context(common.SCALES["cpu"], 3, Path("."), precision=common.LEGACY_PRECISION)

@@ -77,6 +77,7 @@ class TrainConfig:
     label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
     flip: bool = setting(False, "mirror a random half of each training batch")
     crop_padding: int = setting(0, "translate training images by up to N pixels (random crop)")
+    rotate: float = setting(0.0, "rotate training images by up to N degrees either way, at random")
     init: str = setting(
         "default",
         "weights: PyTorch's, Xavier (the chapter's), or a whitened first layer (airbench)",
@@ -246,6 +247,8 @@ def check_config(config: TrainConfig) -> TrainConfig:
     for name in ("momentum", "weight_decay", "lookahead"):
         if not getattr(config, name) >= 0:
             raise NinError(f"--{flag(name)} must be 0 or more, got {getattr(config, name)}")
+    if not 0 <= config.rotate <= 180:
+        raise NinError(f"--rotate must be in [0, 180] degrees, got {config.rotate}")
     if not 0 <= config.label_smoothing < 1:
         raise NinError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     for name, known in (("schedule", SCHEDULES), ("init", INITS), ("tta", tuple(TTA_LEVELS))):

@@ -504,7 +504,7 @@ class Preprocess:
 class DeviceLoader:
     """Batches from a split held on the device as uint8, prepared there in batch.
 
-    Each batch is gathered by index, (for training) flipped and translated at random, and
+    Each batch is gathered by index, (for training) rotated, translated and flipped at random, and
     preprocessed (`Preprocess`). The shuffling and augmentation draw from generators seeded
     with `seed`.
     """
@@ -519,6 +519,7 @@ class DeviceLoader:
         preprocess: Preprocess | None = None,
         flip: bool = False,
         crop_padding: int = 0,
+        rotate: float = 0.0,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -538,6 +539,7 @@ class DeviceLoader:
         self.preprocess = preprocess or Preprocess()
         self.flip = flip
         self.crop_padding = crop_padding
+        self.rotate = rotate
         self.rank, self.world_size = rank, world_size
         # Every rank draws the same order and takes its own shard of it; augmentation differs.
         self.order_generator = torch.Generator().manual_seed(seed)
@@ -586,7 +588,9 @@ class DeviceLoader:
         return self.preprocess(batch, self.augment if augment else None)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Random translations and flips of [0, 1] pixels, as configured."""
+        """Random rotations, translations and flips of [0, 1] pixels, as configured."""
+        if self.rotate:
+            x = random_rotate(x, self.rotate, self.augment_generator)
         if self.crop_padding:
             x = random_translate(x, self.crop_padding, self.augment_generator)
         if self.flip:
@@ -615,6 +619,24 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left-right."""
     mask = torch.rand(len(x), device=x.device, generator=generator) < 0.5
     return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image by a random angle in [-degrees, degrees]."""
+    turns = torch.rand(len(x), device=x.device, generator=generator) * 2 - 1
+    return rotate(x, turns * math.radians(degrees))
+
+
+def rotate(x: torch.Tensor, radians: torch.Tensor) -> torch.Tensor:
+    """Rotate each image about its centre by its angle, bilinear; the corners brought in are
+    zeros (the background of digits)."""
+    b, _, h, w = x.shape
+    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
+    # The rotation in pixels, written in grid_sample's [-1, 1] coordinates (h/w keeps the angle
+    # true on non-square images).
+    theta = torch.stack([cos, -sin * h / w, zero, sin * w / h, cos, zero], 1).view(b, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), [b, 1, h, w], align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
 
 
 def random_translate(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

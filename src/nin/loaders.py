@@ -57,6 +57,7 @@ def make_loader(
         preprocess=preprocess,
         flip=config.flip and training,
         crop_padding=config.crop_padding if training else 0,
+        rotate=config.rotate if training else 0.0,
         seed=config.seed,
         rank=rank,
         world_size=size,

@@ -65,10 +65,11 @@ SCALES = {
 
 
 # Each recipe's precision: the chapter's runs in fp32 as the chapter does; the compact preset's
-# with its own bfloat16 autocast and channels-last. Results saved before the chapter's recipe ran
-# in fp32 (2026-11-22) had bfloat16 for both: LEGACY_PRECISION.
+# with its own bfloat16 autocast. Both are channels-last, a memory layout that changes no
+# precision (and makes fp32 about 1.3× faster on a CPU). Results saved before the chapter's
+# recipe ran in fp32 (2026-11-22) had bfloat16 for both: LEGACY_PRECISION.
 BF16 = "bfloat16 autocast, channels-last"
-PRECISION = {"chapter": "fp32", "compact": BF16}
+PRECISION = {"chapter": "fp32, channels-last", "compact": BF16}
 LEGACY_PRECISION = {"chapter": BF16, "compact": BF16}
 
 
@@ -184,8 +185,8 @@ def recipe_config(ctx: Context, recipe: str, exercise: str, **overrides: Any) ->
     """A TrainConfig for one run: the chapter's recipe or the compact preset's, at this scale.
 
     The chapter's recipe is plain SGD at lr 0.1, batch 128, Xavier init, no normalisation, in
-    fp32 as the chapter runs it; the compact preset's keeps its bfloat16 and channels-last
-    (PRECISION).
+    fp32 as the chapter runs it; the compact preset's keeps its bfloat16 (PRECISION). Both are
+    channels-last.
     """
     subset, epochs = ctx.scale.budgets[exercise]
     if recipe == "chapter":
@@ -200,7 +201,7 @@ def recipe_config(ctx: Context, recipe: str, exercise: str, **overrides: Any) ->
         data_dir=ctx.data_dir,
         device=ctx.device,
         amp=PRECISION[recipe] == BF16,
-        channels_last=PRECISION[recipe] == BF16,
+        channels_last=True,
         collapse_steps=0,  # collapses are counted here, not stopped
         stuck_steps=0,
     )
