@@ -231,9 +231,11 @@ def placeholder() -> str:
     rows = [f"| {p} |" + " not measured |" * (len(COLUMNS) - 1) for p in PIPELINES]
     return f"""## GPU: the textbook pipeline vs ours, same GPU
 
-Written by `python benchmarks/gpu_speed.py --placeholder` on {date.today():%Y-%m-%d}: no GPU
-was available to this release, so nothing in this section is measured yet. Run
-`python benchmarks/gpu_speed.py` on a CUDA machine to fill it in.
+Written by `python benchmarks/gpu_speed.py --placeholder` on {date.today():%Y-%m-%d}: this
+longer benchmark (10 epochs a pipeline, `--compile --fused`, collapse over seeds) has not run on
+a GPU yet, so nothing in this section is measured. The GPU check's one-epoch figures are in
+[its section](#gpu-check-every-cuda-path-the-chapters-run-textbook-vs-ours-cifar-10) below. Run
+`python benchmarks/gpu_speed.py` on a CUDA machine to fill this one in.
 
 | {" | ".join(COLUMNS)} |
 |{"---|" * len(COLUMNS)}

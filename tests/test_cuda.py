@@ -23,8 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
-import nin.device
-import nin.train
+import nin.device as nin_device  # `nin` itself is test_resume's CLI runner, imported below
+import nin.train as nin_train
 from nin.checkpoint import LAST, read_config, read_tensors
 from nin.cli import main
 from nin.config import make_config
@@ -117,7 +117,7 @@ def test_bfloat16_autocast_agrees_with_float32(gpu_run, data_dir, tmp_path):
 @pytest.mark.parametrize("fused", [False, True])
 def test_float16_autocast_scales_the_loss(data_dir, tmp_path, monkeypatch, fused):
     """GPUs without native bfloat16 (V100, T4) get float16 and a GradScaler: forced here."""
-    monkeypatch.setattr(nin.device, "amp_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(nin_device, "amp_dtype", lambda device: torch.float16)
     result = short_run(data_dir, tmp_path / "run", amp=True, fused=fused)
     assert_learned(result)
     _, metadata = read_tensors(Path(result["run_dir"]) / LAST)
@@ -271,7 +271,7 @@ def test_the_nccl_path_in_a_world_of_one(data_dir, tmp_path, monkeypatch):
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        monkeypatch.setattr(nin.train, "init_world", lambda device=None: OneProcessWorld())
+        monkeypatch.setattr(nin_train, "init_world", lambda device=None: OneProcessWorld())
         result = short_run(data_dir, tmp_path / "run")
         assert not dist.is_initialized(), "training ends by leaving the process group"
     finally:
