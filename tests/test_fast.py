@@ -148,6 +148,10 @@ def test_tta_on_a_mirror_symmetric_image_equals_plain_and_otherwise_differs():
             + tta_logits(model, padded[..., 2:, 2:], 1) / 4
         )
         assert torch.allclose(tta_logits(model, x, 2), by_hand, atol=1e-5)
+        # Level 3 = the same shifts on the image alone, never its mirror (digits).
+        by_hand = model(x) / 2 + model(padded[..., :32, :32]) / 4 + model(padded[..., 2:, 2:]) / 4
+        assert torch.allclose(tta_logits(model, x, 3), by_hand, atol=1e-5)
+        assert not torch.allclose(tta_logits(model, x, 3), tta_logits(model, x, 2), atol=1e-5)
 
 
 def test_linear_schedule_is_airbenchs_triangle():

@@ -96,7 +96,7 @@ class TrainConfig:
     )
     tta: int = setting(
         0,
-        "test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + shifts",
+        "test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + shifts, 3 shifts",
         choices=tuple(TTA_LEVELS),
     )
     compile: bool = setting(False, "torch.compile the model (pays off on GPUs)")

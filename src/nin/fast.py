@@ -126,25 +126,31 @@ class Lookahead:
             value.copy_(state[name])
 
 
-TTA_LEVELS = {0: "none", 1: "left-right flip", 2: "flip and 1-pixel shifts"}
+TTA_LEVELS = {
+    0: "none",
+    1: "left-right flip",
+    2: "flip and 1-pixel shifts",
+    3: "1-pixel shifts, no flip",  # for digits, whose mirror images are other digits
+}
 
 
 def tta_logits(model: nn.Module, x: Tensor, level: int = 0) -> Tensor:
     """Logits of `model` on `x`, averaged over test-time augmentations.
 
     Level 0: plain. Level 1: the image and its mirror. Level 2: level 1, averaged (half and
-    half) with level 1 on the image shifted one pixel up-left and one pixel down-right.
+    half) with level 1 on the image shifted one pixel up-left and one pixel down-right. Level 3:
+    level 2 without the mirrors.
     """
 
-    def mirrored(x: Tensor) -> Tensor:
-        return (model(x) + model(x.flip(-1))) / 2
+    def view(x: Tensor) -> Tensor:
+        return model(x) if level == 3 else (model(x) + model(x.flip(-1))) / 2
 
     if level == 0:
         return model(x)
-    logits = mirrored(x)
+    logits = view(x)
     if level == 1:
         return logits
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+    shifted = (view(padded[..., :h, :w]) + view(padded[..., 2:, 2:])) / 2
     return (logits + shifted) / 2
