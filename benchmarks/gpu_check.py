@@ -587,7 +587,7 @@ def cifar_line(runs: list[dict[str, Any]]) -> str:
 
 STEPS = [
     # Shares from the first run on one H200 (2026-12-04): chapter 55 s a seed, tests 71 s,
-    # speed 30 s, CIFAR-10's preset 56 s (its longer run takes what is left).
+    # speed 30 s, CIFAR-10's preset 11 s (its longer run takes what is left).
     Step("chapter", "the chapter's setting, `--preset d2l`, 10 epochs, 3 seeds", 200, step_chapter),
     Step("cuda-tests", "every CUDA path, `pytest -m cuda`", 110, step_tests),
     Step("speed", "the textbook pipeline vs ours, one epoch each", 60, step_speed),
