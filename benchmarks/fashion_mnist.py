@@ -30,7 +30,9 @@ from typing import Any
 from report import (
     dropout,
     load_run,
+    mean_std,
     score_tta_levels,
+    seed_runs,
     timed_run,
     welch,
     write_readme_results,
@@ -136,8 +138,8 @@ def load(name: str) -> dict[str, Any] | None:
 
 
 def seeds_of(prefix: str) -> list[dict[str, Any]]:
-    """The saved runs PREFIX-s0, -s1, ... that exist."""
-    return [r for s in SEEDS if (r := load(f"{prefix}-s{s}"))]
+    """The saved runs PREFIX-s0, -s1, ... in seed order, until one is missing."""
+    return seed_runs(SAVED, prefix)
 
 
 def test_accs(rows: list[dict[str, Any]]) -> list[float]:
@@ -145,11 +147,10 @@ def test_accs(rows: list[dict[str, Any]]) -> list[float]:
     return [100 * r["result"]["test_acc"] for r in rows]
 
 
-def mean_std(values: list[float], digits: int = 2) -> str:
+def mean_std_each(values: list[float], digits: int = 2) -> str:
     """Mean ± std% (each value) of percentages over runs."""
-    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
     each = ", ".join(f"{v:.{digits}f}" for v in values)
-    return f"{statistics.mean(values):.{digits}f}{spread}% ({each})"
+    return f"{mean_std(values, digits)}% ({each})"
 
 
 def first_past(runs: list[dict[str, Any]], mark: float) -> str:
@@ -226,7 +227,7 @@ def report(out: Path, readme: Path = Path("README.md")) -> None:
         gain = statistics.mean(accs) - statistics.mean(test_accs(before))
         comparison = (
             f"Against the recipe shipped before this search (`{' '.join(BEFORE)}` on the same "
-            f"seeds): {mean_std(test_accs(before))}, a difference of {gain:+.2f} points; "
+            f"seeds): {mean_std_each(test_accs(before))}, a difference of {gain:+.2f} points; "
             f"{welch(accs, test_accs(before))} (two-sided, {len(accs)} and {len(before)} seeds)."
         )
     save_figure(frontier_figure(select, finals), out.with_suffix(".png"))
@@ -237,7 +238,7 @@ def report(out: Path, readme: Path = Path("README.md")) -> None:
     )  # fmt: skip
     best = max(select, key=lambda item: max(item[1]["val_acc_by_tta"].values()))[0]
     headline = (
-        f"**{mean_std(accs)} test accuracy** over {len(finals)} seeds, "
+        f"**{mean_std_each(accs)} test accuracy** over {len(finals)} seeds, "
         f"{statistics.mean(walls):.0f} s per run end to end "
         f"({', '.join(f'{w:.0f}' for w in walls)})"
     )
