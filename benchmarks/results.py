@@ -39,10 +39,11 @@ BAR = 0.40  # every seed at or under it
 
 
 def options(
-    dropout: float = 0.5, lookahead: int = 0, epochs: int = 8, rotate: float = 0
+    dropout: float = 0.5, lookahead: int = 0, epochs: int = 8, rotate: float = 0, width: float = 1
 ) -> list[str]:
     """`nin train` options that set every choice searched here, whatever the preset says."""
-    chosen = ["--model-kwargs", json.dumps({"dropout": dropout}), "--lookahead", str(lookahead)]
+    kwargs = {"dropout": dropout} | ({"width": width} if width != 1 else {})
+    chosen = ["--model-kwargs", json.dumps(kwargs), "--lookahead", str(lookahead)]
     return [*chosen, "--epochs", str(epochs), "--rotate", str(rotate)]
 
 
@@ -56,10 +57,11 @@ CANDIDATES: dict[str, list[str]] = {
     "e8-rotate10": options(rotate=10),
     "e8-rotate15": options(rotate=15),
     "e8-shift-tta": [*options(), "--tta", "3"],
+    "e8-wide": options(width=1.5),
 }
 # The third round: the best of the first two (on one seed), the rotations and test-time shifts,
 # two seeds each.
-ROUND3 = ("e8", "e8-rotate10", "e8-rotate15", "e8-shift-tta")
+ROUND3 = ("e8", "e8-rotate10", "e8-rotate15", "e8-shift-tta", "e8-wide")
 VAL_SEEDS = (0, 1)
 
 

@@ -238,6 +238,15 @@ def test_compact_ends_in_signed_logits():
     assert (net.eval()(torch.randn(8, 1, 28, 28)) < 0).any()
 
 
+def test_compact_width_scales_every_block():
+    wide = nin.create_model("nin_compact", width=1.5)
+    convs = [m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0] == 72 and 144 in convs and 288 in convs and convs[-1] == 10
+    assert wide(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    same = nin.create_model("nin_compact", width=1.0)
+    assert count_parameters(same) == count_parameters(nin.create_model("nin_compact"))
+
+
 def test_xavier_init_sets_xavier_bounds():
     net = xavier_init_(nin.create_model("nin_d2l"))
     conv = net[2][0]  # 96 -> 256, 5×5

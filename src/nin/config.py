@@ -261,6 +261,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
 MAX_COUNT = 2**31 - 1  # every count-like setting (epochs, steps, examples, pixels)
 MAX_SIDE = 4096  # --resize: past this, one image's activations alone outgrow most machines
 FLOAT32_MAX = 3.4028234663852886e38
+MAX_WIDTH = 16  # nin_compact's width: its parameters grow with the square, 100 M at 16
 
 
 def check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
@@ -281,6 +282,8 @@ def check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
             and not (math.isfinite(value) and abs(value) <= MAX_SIDE)
         ):
             raise NinError(f"--model-kwargs {key} must be at most {MAX_SIDE}, got {value}")
+        if key == "width" and not 0 < value <= MAX_WIDTH:
+            raise NinError(f"--model-kwargs width must be in (0, {MAX_WIDTH}], got {value}")
 
 
 def fits(value: Any, kind: type) -> bool:

@@ -207,25 +207,28 @@ def nin_compact(
     dropout: float = 0.5,
     final_relu: bool = False,
     head: str = "direct",
+    width: float = 1.0,
 ) -> NiN:
     """The chapter's structure at 28×28: narrower, a 5×5 first window, no resize needed.
 
     Batch norm is on and the last block ends in bare logits (no ReLU before global average
-    pooling), which removes the chapter's collapse to loss ln 10.
+    pooling), which removes the chapter's collapse to loss ln 10. `width` scales the three
+    blocks' 48/96/192 channels.
     """
+    c1, c2, c3 = (max(1, round(c * width)) for c in (48, 96, 192))
 
     def block(c_in: int, c_out: int, k: int, p: int) -> nn.Sequential:
         return nin_block(c_in, c_out, k, 1, p, num_pointwise, batch_norm=batch_norm)
 
     return NiN(
-        block(in_channels, 48, 5, 2),  # 28×28
+        block(in_channels, c1, 5, 2),  # 28×28
         nn.MaxPool2d(3, stride=2),  # 13×13
-        block(48, 96, 3, 1),
+        block(c1, c2, 3, 1),
         nn.MaxPool2d(3, stride=2),  # 6×6
-        block(96, 192, 3, 1),
+        block(c2, c3, 3, 1),
         nn.MaxPool2d(3, stride=2),  # 2×2
         nn.Dropout(dropout),
-        *classifier_head(head, 192, num_classes, 2, num_pointwise, batch_norm, final_relu),
+        *classifier_head(head, c3, num_classes, 2, num_pointwise, batch_norm, final_relu),
     )
 
 
