@@ -261,7 +261,7 @@ def check_config(config: TrainConfig) -> TrainConfig:
 MAX_COUNT = 2**31 - 1  # every count-like setting (epochs, steps, examples, pixels)
 MAX_SIDE = 4096  # --resize: past this, one image's activations alone outgrow most machines
 FLOAT32_MAX = 3.4028234663852886e38
-MAX_WIDTH = 16  # nin_compact's width: its parameters grow with the square, 100 M at 16
+MAX_WIDTH = 16  # nin_compact's width: its parameters grow with the square, 78 M at 16
 
 
 def check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
