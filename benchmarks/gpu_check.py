@@ -322,18 +322,22 @@ def enough_time(runs: list[dict[str, Any]], deadline: float) -> bool:
     return time.monotonic() + longest * 1.1 < deadline
 
 
+def chapter_means(finished: list[dict[str, Any]]) -> dict[str, str]:
+    """Each figure of the finished chapter runs as mean ± std over their seeds."""
+    results = [r["result"] for r in finished]
+    means = {k: mean_std([r[k] for r in results], 3) for k in ("loss", "train_acc", "test_acc")}
+    means["examples_per_sec"] = mean_std([r["examples_per_sec"] for r in results], 0)
+    means["wall_seconds"] = mean_std([r["wall_seconds"] for r in finished], 0)
+    return means
+
+
 def chapter_line(finished: list[dict[str, Any]]) -> str:
     """The finished chapter runs in one line: each figure as mean ± std over the seeds."""
-    results = [r["result"] for r in finished]
-    figures = {
-        key: mean_std([r[key] for r in results], 3) for key in ("loss", "train_acc", "test_acc")
-    }
-    speed = mean_std([r["examples_per_sec"] for r in results], 0)
-    wall = mean_std([r["wall_seconds"] for r in finished], 0)
+    m = chapter_means(finished)
     return (
-        f"{plural(len(finished), 'seed')}: loss {figures['loss']}, train acc "
-        f"{figures['train_acc']}, test acc {figures['test_acc']}, {speed} examples/s, "
-        f"{wall} s end to end"
+        f"{plural(len(finished), 'seed')}: loss {m['loss']}, train acc {m['train_acc']}, test "
+        f"acc {m['test_acc']}, {m['examples_per_sec']} examples/s, {m['wall_seconds']} s end to "
+        "end"
     )
 
 
@@ -726,13 +730,10 @@ def render_results(summary: dict[str, Any]) -> str:
         ours.append(f"| ours | {outcome(chapter)} | | | | | `nin train --preset d2l` |")
     finished = [r for r in runs if r.get("finished")]
     if len(finished) > 1:
-        results = [r["result"] for r in finished]
-        cells = [mean_std([r[k] for r in results], 3) for k in ("loss", "train_acc", "test_acc")]
-        speed = mean_std([r["examples_per_sec"] for r in results], 0)
-        wall = mean_std([r["wall_seconds"] for r in finished], 0)
+        m = chapter_means(finished)
         ours.append(
-            f"| ours, mean ± std of {len(finished)} seeds | {' | '.join(cells)} | {speed} | "
-            f"{wall} s | |"
+            f"| ours, mean ± std of {len(finished)} seeds | {m['loss']} | {m['train_acc']} | "
+            f"{m['test_acc']} | {m['examples_per_sec']} | {m['wall_seconds']} s | |"
         )
     epochs = "\n".join(
         f"| {h['epoch']} | {h['loss']:.3f} | {h['train_acc']:.3f} | {h['test_acc']:.3f} | "

@@ -59,8 +59,8 @@ CANDIDATES: dict[str, list[str]] = {
     "e8-shift-tta": [*options(), "--tta", "3"],
     "e8-wide": options(width=1.5),
 }
-# The third round: the best of the first two (on one seed), the rotations and test-time shifts,
-# two seeds each.
+# The third round, two seeds each: the best of the first two (on one seed) against rotations,
+# test-time shifts and a wider network.
 ROUND3 = ("e8", "e8-rotate10", "e8-rotate15", "e8-shift-tta", "e8-wide")
 VAL_SEEDS = (0, 1)
 
