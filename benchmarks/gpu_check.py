@@ -625,7 +625,8 @@ def header(summary: dict[str, Any]) -> str:
     smoke = (
         "**Smoke run (tiny subsets, any device): it checks the script and measures nothing.**"
         if summary["smoke"]
-        else "Every figure below was measured in that run."
+        else "Every figure below was measured; a step rerun alone (`--steps`) replaces only its "
+        "own figures, so steps may come from different runs of the check."
     )
     return (
         f"Written by `make gpu-check` (`python benchmarks/gpu_check.py`) on {summary['date']}; "

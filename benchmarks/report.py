@@ -56,10 +56,16 @@ def write_section(path: str | Path, name: str, markdown: str) -> None:
 
 
 def timed_run(
-    saved: Path, name: str, preset: str, args: list[str], data_dir: str | None
+    saved: Path,
+    name: str,
+    preset: str,
+    args: list[str],
+    data_dir: str | None,
+    echo: bool = True,
 ) -> dict[str, Any]:
     """`nin train --preset PRESET ARGS` in a subprocess, timed end to end (interpreter start-up,
-    data loading, training, evaluations, saving); the run's record saved as SAVED/NAME.json."""
+    data loading, training, evaluations, saving); the run's record saved as SAVED/NAME.json.
+    Its output is shown as it comes, or (echo False: runs side by side) its last line at the end."""
     out = saved / "runs" / name
     if out.exists():
         raise SystemExit(f"{out} exists: delete it to run {name} again")
@@ -74,9 +80,12 @@ def timed_run(
     ) as done:
         log = []
         for line in done.stdout:  # shown as it comes, and kept: the docs quote it
-            print(line, end="", flush=True)
+            if echo:
+                print(line, end="", flush=True)
             log.append(line.rstrip("\n"))
     wall = time.perf_counter() - start
+    if not echo:
+        print(f"{name}: {log[-1] if log else 'no output'} ({wall:.0f} s)", flush=True)
     config = json.loads((out / "config.json").read_text())
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     if done.returncode:  # a run that stopped (diverged, collapsed) is a result too: say why
@@ -188,6 +197,8 @@ def write_readme_results(readme: Path = Path("README.md")) -> None:
         if timed:
             wall = statistics.mean(r["wall_seconds"] for r in runs) / 60
             text += f", {wall:.1f} min a run end to end on 2 CPU cores"
+        elif gpu := re.search(r"GPU ([^,]+)", runs[0]["machine"]):
+            text += f", trained on one {gpu[1]}"
         return text
 
     rows = [
@@ -196,8 +207,9 @@ def write_readme_results(readme: Path = Path("README.md")) -> None:
         ("Fashion-MNIST", "`d2l` (`nin_d2l`, the chapter's exact setting)",
          gpu_chapter_cell(), "the chapter's printed runs: 0.834–0.867",
          "[the chapter](docs/chapter.md)"),
-        ("MNIST", "`mnist` (`nin_compact`)", cell(mnist, "test error", error=True, timed=False),
-         "the paper: 0.47% error", "[results](docs/results.md)"),
+        ("MNIST", "`mnist` (`nin_compact`, 2× wide)",
+         cell(mnist, "test error", error=True, timed=False), "the paper: 0.47% error",
+         "[results](docs/results.md)"),
         ("CIFAR-10", "`cifar10-fast` (`nin_fast`)", cell(cifar, "test accuracy"),
          "the paper: 91.19% (8.81% error), about 300 epochs on a GPU",
          "[results](docs/results.md#cifar-10-in-minutes-on-a-cpu-nin-train-preset-cifar10-fast)"),

@@ -96,7 +96,7 @@ def test_a_toml_config_and_its_mistakes(trained: list[TrainConfig], tmp_path: Pa
     path.write_text('preset = "mnist"\nepochs = 2\nlr = 1\nmodel_kwargs = { dropout = 0.2 }\n')
     assert main(["train", "--config", str(path)]) == 0
     assert (trained[0].preset, trained[0].epochs, trained[0].lr) == ("mnist", 2, 1.0)
-    assert trained[0].model_kwargs == {"dropout": 0.2}
+    assert trained[0].model_kwargs == {"width": 2.0, "dropout": 0.2}  # merged onto the preset's
     for text, message in (
         ('{"epochs": "ten"}', "--epochs must be int, got 'ten'"),
         ('{"amp": 1}', "--amp must be bool, got 1"),
