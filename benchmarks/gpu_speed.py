@@ -23,11 +23,14 @@ training FLOPs per image (FlopCounterMode) × images/s ÷ the GPU's dense bfloat
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,9 +40,12 @@ from torch import nn
 from nin.config import make_config
 from nin.data import load_split
 from nin.errors import NinError
+from nin.files import write_json
 from nin.models import create_model, model_info, xavier_init_
 from nin.resources import training_flops
 from nin.train import train
+
+SAVED = Path("results/gpu-speed/summary.json")  # the figures, committed with the section
 
 # Dense bfloat16 tensor-core peaks, FLOP/s, from the vendors' data sheets.
 # Checked in this order: the first name found in the GPU's name wins.
@@ -170,25 +176,24 @@ def ours(preset: str, data_dir: str | None, device: torch.device, **overrides) -
 
 def collapses(
     data_dir: str | None, device: torch.device, seeds: int, epochs: int, **kwargs
-) -> list[bool]:
-    """For each seed, whether the chapter's run collapsed (caught by the collapse watch).
+) -> Iterator[bool]:
+    """For each seed in turn, whether the chapter's run collapsed (caught by the collapse watch).
 
     The chapter's own precision: fp32 (TF32 convolutions, PyTorch's default), NCHW.
     """
-    outcome = []
     for seed in range(seeds):
         try:
             ours(
                 "d2l", data_dir, device, seed=seed, epochs=epochs, amp=False,
                 channels_last=False, collapse_steps=100, **kwargs,
             )  # fmt: skip
-            outcome.append(False)
+            collapsed = False
         except NinError as e:
             if "collapsed" not in str(e):
                 raise
-            outcome.append(True)
-        print(f"  collapse run, seed {seed}: {'collapsed' if outcome[-1] else 'trained'}")
-    return outcome
+            collapsed = True
+        print(f"  collapse run, seed {seed}: {'collapsed' if collapsed else 'trained'}")
+        yield collapsed
 
 
 def speed(run: dict) -> float:
@@ -216,6 +221,7 @@ def row(label: str, run: dict, flops: int, peak: float | None, base: float | Non
     )
 
 
+RUN_KEYS = ["reference", "chapter", "bf16", "compiled", "fast"]  # one per pipeline, in order
 PIPELINES = [
     "reference: d2l's pipeline (PIL resize in DataLoader workers, fp32 with PyTorch's default "
     "TF32 convolutions, NCHW, metrics every batch)",
@@ -256,10 +262,19 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device, print only")
     parser.add_argument("--placeholder", action="store_true", help="write a not-measured section")
+    parser.add_argument(
+        "--render", action="store_true", help=f"rewrite the docs' section from {SAVED}"
+    )
     args = parser.parse_args()
     if args.placeholder:
         write_section(args.out, "gpu", placeholder())
         print(f"wrote the gpu section of {args.out} (not measured)")
+        return
+    if args.render:
+        if not SAVED.is_file():
+            raise SystemExit(f"{SAVED} not found: run the benchmark on a GPU first")
+        write_section(args.out, "gpu", render(json.loads(SAVED.read_text())))
+        print(f"wrote the gpu section of {args.out} from {SAVED}")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -267,73 +282,108 @@ def main() -> None:
                          "write a not-measured section")  # fmt: skip
     subset = 256 if args.smoke else None
     epochs = 2 if args.smoke else args.epochs
-    seeds = 1 if args.smoke else args.collapse_seeds
     small = {"train_subset": subset, "test_subset": subset} if subset else {}
+    figures = {
+        "date": f"{date.today():%Y-%m-%d}",
+        "machine": machine(),
+        "smoke": args.smoke,
+        "images": subset,
+        "epochs": epochs,
+        "workers": args.workers,
+        "collapse_seeds": 1 if args.smoke else args.collapse_seeds,
+        "collapse_epochs": 1 if args.smoke else args.collapse_epochs,
+        "peak_flops": peak_flops(device),
+        "flops": {
+            "nin_d2l": training_flops(create_model("nin_d2l"), model_info("nin_d2l").input_size),
+            "nin_compact": training_flops(create_model("nin_compact"), (1, 28, 28)),
+        },
+        "runs": {},
+        "collapses": {"chapter": [], "fixed": []},
+    }
+    # Saved after every run, so a run cut short keeps what it measured (`--render` shows it).
+    saved = Path("runs/gpu-speed/summary.json") if args.smoke else SAVED
 
-    print("reference pipeline ...", flush=True)
-    ref = reference(args.data_dir, device, epochs, subset, args.workers)
-    print("ours, chapter preset ...", flush=True)
-    chapter = ours("d2l", args.data_dir, device, epochs=epochs, **small)
-    print("ours, chapter preset, fast path ...", flush=True)
+    def measured(key: str, run: dict) -> None:
+        figures["runs"][key] = run
+        write_json(saved, figures)
+        print(f"  {key}: {speed(run):,.0f} images/s, test acc {run['test_acc']:.4f}", flush=True)
+
     fast_path = {"amp": True, "channels_last": True}
-    bf16 = ours("d2l", args.data_dir, device, epochs=epochs, **fast_path, **small)
+    print("reference pipeline ...", flush=True)
+    measured("reference", reference(args.data_dir, device, epochs, subset, args.workers))
+    print("ours, chapter preset ...", flush=True)
+    measured("chapter", ours("d2l", args.data_dir, device, epochs=epochs, **small))
+    print("ours, chapter preset, fast path ...", flush=True)
+    measured("bf16", ours("d2l", args.data_dir, device, epochs=epochs, **fast_path, **small))
     print("ours, chapter preset, fast path, compiled ...", flush=True)
-    compiled = ours(
-        "d2l", args.data_dir, device, epochs=epochs, compile=True, fused=True, **fast_path, **small
-    )
+    compiled = dict(compile=True, fused=True, **fast_path, **small)
+    measured("compiled", ours("d2l", args.data_dir, device, epochs=epochs, **compiled))
     print("ours, fast recipe ...", flush=True)
-    fast = ours("compact", args.data_dir, device, **small)
+    measured("fast", ours("compact", args.data_dir, device, **small))
     print("collapse counts ...", flush=True)
-    collapse_epochs = 1 if args.smoke else args.collapse_epochs
-    chapter_collapses = collapses(args.data_dir, device, seeds, collapse_epochs, **small)
-    fixed = collapses(
-        args.data_dir, device, seeds, collapse_epochs, model_kwargs={"final_relu": False}, **small
-    )
+    for key, kwargs in (("chapter", {}), ("fixed", {"model_kwargs": {"final_relu": False}})):
+        for collapsed in collapses(
+            args.data_dir, device, figures["collapse_seeds"], figures["collapse_epochs"],
+            **kwargs, **small,
+        ):  # fmt: skip
+            figures["collapses"][key].append(collapsed)
+            write_json(saved, figures)
+    text = render(figures)
+    if args.smoke:
+        print(text)
+    else:
+        write_section(args.out, "gpu", text)
+        print(f"wrote the gpu section of {args.out}; figures in {saved}")
 
-    peak = peak_flops(device)
-    d2l_flops = training_flops(create_model("nin_d2l"), model_info("nin_d2l").input_size)
-    compact_flops = training_flops(create_model("nin_compact"), (1, 28, 28))
-    base = speed(ref)
-    rows = [
-        row(PIPELINES[0], ref, d2l_flops, peak, None),
-        row(PIPELINES[1], chapter, d2l_flops, peak, base),
-        row(PIPELINES[2], bf16, d2l_flops, peak, base),
-        row(PIPELINES[3], compiled, d2l_flops, peak, base),
-        row(PIPELINES[4], fast, compact_flops, peak, base),
-    ]
-    to_93 = fast["seconds_to_93"]
+
+def render(figures: dict) -> str:
+    """The GPU section from the saved figures; what a cut-short run did not measure says so."""
+    runs, peak, flops = figures["runs"], figures["peak_flops"], figures["flops"]
+    base = speed(runs["reference"]) if "reference" in runs else None
+    rows = []
+    for key, label in zip(RUN_KEYS, PIPELINES, strict=True):
+        if key in runs:
+            model_flops = flops["nin_compact" if key == "fast" else "nin_d2l"]
+            rows.append(
+                row(label, runs[key], model_flops, peak, None if key == "reference" else base)
+            )
+        else:
+            rows.append(
+                f"| {label} |" + " not measured (the run ended first) |" * (len(COLUMNS) - 1)
+            )
+    to_93 = runs.get("fast", {}).get("seconds_to_93")
     reached = f"93% test accuracy after {to_93:.1f} s of training" if to_93 else "did not reach 93%"
     peak_text = f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "an unknown peak"
-    text = f"""## GPU: the textbook pipeline vs ours, same GPU
+    epochs, seeds = figures["epochs"], figures["collapse_seeds"]
+    counts = {
+        key: f"{sum(c)} of {len(c)}" + (f" (of {seeds} planned)" if len(c) < seeds else "")
+        for key, c in figures["collapses"].items()
+    }
+    return f"""## GPU: the textbook pipeline vs ours, same GPU
 
-Written by `python benchmarks/gpu_speed.py` on {date.today():%Y-%m-%d}; {machine()}.
-{"**Smoke run (tiny subsets): not a measurement.**" if args.smoke else ""}
-Fashion-MNIST, {"256" if subset else "all 60,000"} training images, {args.workers} data-loader
-workers for the reference, {epochs} epochs for the
-first three rows (the compact preset runs its own 8); images/s is wall clock including data
+Written by `python benchmarks/gpu_speed.py` on {figures["date"]}; {figures["machine"]}; figures
+in `results/gpu-speed/summary.json`.
+{"**Smoke run (tiny subsets): not a measurement.**" if figures["smoke"] else ""}
+Fashion-MNIST, {figures["images"] or "all 60,000"} training images, {figures["workers"]}
+data-loader workers for the reference, {epochs} epochs for the
+first four rows (the compact preset runs its own 8); images/s is wall clock including data
 loading and preparation, the median of epochs 2 to {epochs}; "10 epochs" is the training time
 of the chapter's 10 epochs (measured when 10 ran, else the first epoch plus nine median ones).
-MFU: training FLOPs per image (FlopCounterMode: {d2l_flops / 1e9:.2f} G for nin_d2l at
-224×224, {compact_flops / 1e9:.3f} G for nin_compact) × images/s ÷ {peak_text}.
+MFU: training FLOPs per image (FlopCounterMode: {flops["nin_d2l"] / 1e9:.2f} G for nin_d2l at
+224×224, {flops["nin_compact"] / 1e9:.3f} G for nin_compact) × images/s ÷ {peak_text}.
 
 | {" | ".join(COLUMNS)} |
 |{"---|" * len(COLUMNS)}
 {chr(10).join(rows)}
 
-Fast recipe: {reached}.
+Fast recipe: {reached if "fast" in runs else "not measured"}.
 
 Collapse to chance (loss near ln 10 = {math.log(10):.3f}) over {seeds} seeds
-({collapse_epochs} epochs each, `--preset d2l` in fp32 as the chapter runs it, a run counted as
-collapsed when the collapse watch stops it: the same logits for every image for 100 steps): the
-chapter's network
-{sum(chapter_collapses)} of {seeds}; with no ReLU before global average pooling
-{sum(fixed)} of {seeds}.
+({figures["collapse_epochs"]} epochs each, `--preset d2l` in fp32 as the chapter runs it, a run
+counted as collapsed when the collapse watch stops it: the same logits for every image for 100
+steps): the chapter's network {counts["chapter"]}; with no ReLU before global average pooling
+{counts["fixed"]}.
 """
-    if args.smoke:
-        print(text)
-    else:
-        write_section(args.out, "gpu", text)
-        print(f"wrote the gpu section of {args.out}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,22 @@ def test_placeholder_measures_nothing():
     assert len(rows) == 5 and all(line.count("not measured") == 6 for line in rows)
 
 
+def test_a_run_cut_short_renders_what_it_measured():
+    run = {"epoch_seconds": [10.0, 2.0], "images": 600, "test_acc": 0.5, "peak_memory": None}
+    figures = {
+        "date": "2026-01-01", "machine": "m", "smoke": False, "images": None, "epochs": 2,
+        "workers": 4, "collapse_seeds": 3, "collapse_epochs": 2, "peak_flops": None,
+        "flops": {"nin_d2l": 1, "nin_compact": 1},
+        "runs": {"reference": run, "chapter": run | {"epoch_seconds": [5.0, 1.0]}},
+        "collapses": {"chapter": [True], "fixed": []},
+    }  # fmt: skip
+    text = gpu_speed.render(figures)
+    rows = [line for line in text.splitlines() if line.startswith(("| ours", "| reference"))]
+    assert [r.count("not measured (the run ended first)") for r in rows] == [0, 0, 6, 6, 6]
+    assert rows[1].endswith("| 2.0× |")  # 600 images/s against the reference's 300
+    assert "network 1 of 1 (of 3 planned)" in text and "pooling\n0 of 0 (of 3 planned)" in text
+
+
 def test_speed_is_the_median_epoch_after_the_first():
     run = {"epoch_seconds": [10.0, 2.0, 3.0, 100.0], "images": 600}
     assert gpu_speed.speed(run) == 200.0
