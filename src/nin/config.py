@@ -282,7 +282,7 @@ def check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
             and not (math.isfinite(value) and abs(value) <= MAX_SIDE)
         ):
             raise NinError(f"--model-kwargs {key} must be at most {MAX_SIDE}, got {value}")
-        if key == "width" and not 0 < value <= MAX_WIDTH:
+        if key == "width" and not (fits(value, float) and 0 < value <= MAX_WIDTH):
             raise NinError(f"--model-kwargs width must be in (0, {MAX_WIDTH}], got {value}")
 
 
