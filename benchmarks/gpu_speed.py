@@ -263,7 +263,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device, print only")
     parser.add_argument("--placeholder", action="store_true", help="write a not-measured section")
     parser.add_argument(
-        "--render", action="store_true", help=f"rewrite the docs' section from {SAVED}"
+        "--render",
+        nargs="?",
+        const=SAVED,
+        type=Path,
+        metavar="JSON",
+        help=f"rewrite the docs' section from saved figures (default {SAVED}; a run cut short "
+        "left its own in runs/gpu-speed/summary.json)",
     )
     args = parser.parse_args()
     if args.placeholder:
@@ -271,10 +277,10 @@ def main() -> None:
         print(f"wrote the gpu section of {args.out} (not measured)")
         return
     if args.render:
-        if not SAVED.is_file():
-            raise SystemExit(f"{SAVED} not found: run the benchmark on a GPU first")
-        write_section(args.out, "gpu", render(json.loads(SAVED.read_text())))
-        print(f"wrote the gpu section of {args.out} from {SAVED}")
+        if not args.render.is_file():
+            raise SystemExit(f"{args.render} not found: run the benchmark on a GPU first")
+        write_section(args.out, "gpu", render(json.loads(args.render.read_text())))
+        print(f"wrote the gpu section of {args.out} from {args.render}")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -300,8 +306,9 @@ def main() -> None:
         "runs": {},
         "collapses": {"chapter": [], "fixed": []},
     }
-    # Saved after every run, so a run cut short keeps what it measured (`--render` shows it).
-    saved = Path("runs/gpu-speed/summary.json") if args.smoke else SAVED
+    # Saved after every run, so a run cut short keeps what it measured (`--render PATH` shows
+    # it); the committed copy is replaced only by a whole run.
+    saved = Path("runs/gpu-speed/summary.json")
 
     def measured(key: str, run: dict) -> None:
         figures["runs"][key] = run
@@ -332,8 +339,9 @@ def main() -> None:
     if args.smoke:
         print(text)
     else:
+        write_json(SAVED, figures)
         write_section(args.out, "gpu", text)
-        print(f"wrote the gpu section of {args.out}; figures in {saved}")
+        print(f"wrote the gpu section of {args.out}; figures in {SAVED}")
 
 
 def render(figures: dict) -> str:

@@ -62,10 +62,12 @@ def timed_run(
     args: list[str],
     data_dir: str | None,
     echo: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`nin train --preset PRESET ARGS` in a subprocess, timed end to end (interpreter start-up,
     data loading, training, evaluations, saving); the run's record saved as SAVED/NAME.json.
-    Its output is shown as it comes, or (echo False: runs side by side) its last line at the end."""
+    Its output is shown as it comes, or (echo False: runs side by side) its last line at the end;
+    EXTRA adds fields to the record (what it was run as)."""
     out = saved / "runs" / name
     if out.exists():
         raise SystemExit(f"{out} exists: delete it to run {name} again")
@@ -106,7 +108,7 @@ def timed_run(
         "result": config["result"],
         "history": history,
         "log": log,
-    }
+    } | (extra or {})
     write_json(saved / f"{name}.json", row)
     return row
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,11 @@ CANDIDATES: dict[str, list[str]] = {
 # test-time shifts and a wider network.
 ROUND3 = ("e8", "e8-rotate10", "e8-rotate15", "e8-shift-tta", "e8-wide")
 VAL_SEEDS = (0, 1)
-# The fourth round, on one GPU, where a run takes seconds: what 2 CPU cores could not afford
+# The fourth round, on one GPU, where a run takes about a minute: what 2 CPU cores could not afford
 # (longer training, twice the width, rotations with both), 3 seeds each, against e8 on the same
 # GPU. Its runs are saved as select-gpu-NAME-sSEED; once all have run, this round chooses.
 GPU_ROUND = ("e8", "e20", "e20-wide2", "e20-wide2-rotate10")
 GPU_SEEDS = (0, 1, 2)
-GPU_JOBS = 6  # runs side by side on the GPU when this round was run (`--jobs`)
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -110,42 +110,62 @@ def test_error(row: dict[str, Any]) -> float:
     return 100 * (1 - row["result"]["test_acc"])
 
 
-def val_errors(name: str) -> list[float] | None:
-    """A candidate's validation error % on each of its seeds, or None if one is not run yet."""
-    runs = [load(select_name(name, seed)) for seed in select_seeds(name)]
-    return None if None in runs else [val_error(r) for r in runs]
+def round_errors(
+    name: str, seeds: tuple[int, ...], named: Callable[[str, int], str]
+) -> list[float] | None:
+    """A candidate's validation error % on each seed of a round, or None if one is not run yet;
+    a run that failed stops the choice until it is rerun."""
+    runs = [load(named(name, seed)) for seed in seeds]
+    if None in runs:
+        return None
+    if failed := [r["name"] for r in runs if "error" in r["result"]]:
+        raise SystemExit(
+            f"{', '.join(failed)} failed (its JSON in {SAVED} says why): delete the JSON and its "
+            "run folder to run it again"
+        )
+    return [val_error(r) for r in runs]
 
 
-def gpu_val_errors(name: str) -> list[float] | None:
-    """A candidate's validation error % on each GPU-round seed, or None if one is not run yet."""
-    runs = [load(gpu_select_name(name, seed)) for seed in GPU_SEEDS]
-    return None if None in runs else [val_error(r) for r in runs]
+# The rounds that choose, latest first: the first whose runs are all in decides.
+ROUNDS = ((GPU_ROUND, GPU_SEEDS, gpu_select_name), (ROUND3, VAL_SEEDS, select_name))
+
+
+def round_means() -> dict[str, float] | None:
+    """Each finalist's mean validation error % in the latest round whose runs are all in."""
+    for finalists, seeds, named in ROUNDS:
+        errors = {name: round_errors(name, seeds, named) for name in finalists}
+        if None not in errors.values():  # rounded: equal error counts must tie exactly
+            return {name: round(statistics.mean(e), 9) for name, e in errors.items()}
+    return None
 
 
 def chosen() -> str:
-    """The finalist with the lowest mean validation error (the earlier one on a tie) in the GPU
-    round once all its runs are in, else in the third round."""
-    for finalists, errors_of in ((GPU_ROUND, gpu_val_errors), (ROUND3, val_errors)):
-        errors = {name: errors_of(name) for name in finalists}
-        if None not in errors.values():
-            return min(finalists, key=lambda name: statistics.mean(errors[name]))
-    raise SystemExit("run the select stage first: --stages select")
+    """The finalist with the lowest mean validation error (the earlier one on a tie)."""
+    if not (means := round_means()):
+        raise SystemExit("run the select stage first: --stages select")
+    return min(means, key=means.get)
 
 
-def run_all(runs: list[tuple[str, list[str]]], data_dir: str | None, jobs: int) -> None:
-    """`timed_run` each (NAME, ARGS) on the `mnist` preset, JOBS at a time (one GPU has room
-    for several of these small runs; on 2 CPU cores, run one at a time)."""
-    if jobs == 1:
-        for name, args in runs:
-            timed_run(SAVED, name, "mnist", args, data_dir)
-        return
+def run_all(
+    runs: list[tuple[str, list[str], dict[str, Any]]], data_dir: str | None, jobs: int
+) -> None:
+    """`timed_run` each (NAME, ARGS, EXTRA) on the `mnist` preset, JOBS at a time (one GPU has
+    room for several of these small runs; on 2 CPU cores, run one at a time); every run is
+    tried, and those that failed are named at the end."""
     with ThreadPoolExecutor(jobs) as pool:
-        done = [
-            pool.submit(timed_run, SAVED, name, "mnist", args, data_dir, False)
-            for name, args in runs
-        ]
-        for future in done:
-            future.result()
+        futures = {
+            name: pool.submit(
+                timed_run, SAVED, name, "mnist", args, data_dir, jobs == 1, extra | {"jobs": jobs}
+            )
+            for name, args, extra in runs
+        }
+    failed = [
+        f"{name} ({e})" if (e := future.exception()) else name
+        for name, future in futures.items()
+        if future.exception() or "error" in future.result()["result"]
+    ]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}; each saved JSON holds its output")
 
 
 def holdout_args(name: str, seed: int) -> list[str]:
@@ -156,7 +176,7 @@ def holdout_args(name: str, seed: int) -> list[str]:
 def stage_select(data_dir: str | None, jobs: int) -> None:
     """Each candidate's seeds not yet run on a 10,000-image holdout (the test split unread)."""
     runs = [
-        (select_name(name, seed), holdout_args(name, seed))
+        (select_name(name, seed), holdout_args(name, seed), {})
         for name in CANDIDATES
         if name in ROUND3 or name not in GPU_ROUND  # the GPU round's own run in select-gpu
         for seed in select_seeds(name)
@@ -170,7 +190,7 @@ def stage_select_gpu(data_dir: str | None, jobs: int) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("the select-gpu stage needs a CUDA GPU; on CPUs run --stages select")
     runs = [
-        (gpu_select_name(name, seed), holdout_args(name, seed))
+        (gpu_select_name(name, seed), holdout_args(name, seed), {})
         for name in GPU_ROUND
         for seed in GPU_SEEDS
         if load(gpu_select_name(name, seed)) is None
@@ -178,22 +198,40 @@ def stage_select_gpu(data_dir: str | None, jobs: int) -> None:
     run_all(runs, data_dir, jobs)
 
 
+def retire(row: dict[str, Any], new: str) -> None:
+    """Rename a superseded final, its JSON and its run folder, to NEW (never over another)."""
+    target = SAVED / f"{new}.json"
+    if target.exists():
+        raise SystemExit(f"{target} exists: move it away to keep {row['name']} as {new}")
+    run_dir = SAVED / "runs" / new
+    if Path(row["run_dir"]).exists():
+        Path(row["run_dir"]).rename(run_dir)
+    write_json(target, row | {"name": new, "run_dir": str(run_dir)})
+    (SAVED / f"{row['name']}.json").unlink()
+
+
 def stage_mnist(data_dir: str | None, jobs: int) -> None:
     """The chosen candidate on the full train split, one run per seed, saved as final-sN (the
-    finals of a candidate chosen earlier are renamed CANDIDATE-sN and stay in the report)."""
+    finals of a candidate chosen earlier become CANDIDATE-sN and stay in the report)."""
     choice = chosen()
-    earlier = (load("final-s0") or {}).get("candidate", choice)
-    if earlier != choice:
-        for seed in SEEDS:
-            if (path := SAVED / f"final-s{seed}.json").exists():
-                path.rename(SAVED / f"{earlier}-s{seed}.json")
+    finals = [row for seed in SEEDS if (row := load(f"final-s{seed}"))]
+    if untagged := [row["name"] for row in finals if "candidate" not in row]:
+        raise SystemExit(
+            f'{", ".join(untagged)} name no candidate: add "candidate": the CANDIDATES entry '
+            "they ran, to each"
+        )
+    for row in finals:
+        if row["candidate"] != choice:
+            retire(row, row["name"].replace("final", row["candidate"]))
     seeds = [seed for seed in SEEDS if load(f"final-s{seed}") is None]
-    run_all(
-        [(f"final-s{s}", [*CANDIDATES[choice], "--seed", str(s)]) for s in seeds], data_dir, jobs
-    )
-    for seed in seeds:  # which candidate these finals are, for the next change of choice
-        row = load(f"final-s{seed}")
-        write_json(SAVED / f"final-s{seed}.json", row | {"candidate": choice})
+    gpu_chose = None not in (round_errors(n, GPU_SEEDS, gpu_select_name) for n in GPU_ROUND)
+    if seeds and gpu_chose and not torch.cuda.is_available():
+        raise SystemExit(f"the GPU round chose {choice}: run its finals on a CUDA GPU, as it ran")
+    finals_to_run = [
+        (f"final-s{s}", [*CANDIDATES[choice], "--seed", str(s)], {"candidate": choice})
+        for s in seeds
+    ]
+    run_all(finals_to_run, data_dir, jobs)
 
 
 def not_measured(command: str, why: str = "needs a GPU") -> str:
@@ -246,7 +284,7 @@ def select_row(name: str, runs: list[dict[str, Any]], columns: int) -> str:
 
 def gpu_round_test(choice: str) -> str:
     """The GPU round's choice against e8 on the same GPU: Welch's t-test on validation error."""
-    errors = {name: gpu_val_errors(name) for name in GPU_ROUND}
+    errors = {name: round_errors(name, GPU_SEEDS, gpu_select_name) for name in GPU_ROUND}
     if None in errors.values() or choice == "e8" or choice not in GPU_ROUND:
         return ""
     from scipy import stats
@@ -256,6 +294,34 @@ def gpu_round_test(choice: str) -> str:
         f" On validation, {choice} against e8 on the same GPU ({len(GPU_SEEDS)} seeds each): "
         f"Welch's t-test, t = {test.statistic:.2f}, two-sided p = {test.pvalue:.2g}."
     )
+
+
+def gpu_round_notes(choice: str) -> str:
+    """What the GPU round's table shows beyond its means: ties, and e8 against its CPU rounds."""
+    errors = {name: round_errors(name, GPU_SEEDS, gpu_select_name) for name in GPU_ROUND}
+    if None in errors.values() or choice not in GPU_ROUND:
+        return ""
+    means = {name: round(statistics.mean(e), 9) for name, e in errors.items()}
+    tied = [name for name in GPU_ROUND if name != choice and means[name] == means[choice]]
+    notes = (
+        f"{', '.join(tied)} tied with {choice} on the mean (the same count of errors over "
+        f"the seeds); the tie went to the one listed first. "
+        if tied
+        else ""
+    )
+    if cpu := round_errors("e8", VAL_SEEDS, select_name):
+        notes += (
+            f"e8 erred {'more' if means['e8'] > statistics.mean(cpu) else 'less'} here "
+            f"({means['e8']:.3f}%) than in the CPU rounds ({statistics.mean(cpu):.3f}%): the "
+            "same recipe with the GPU's kernels instead of the CPU's and other random streams."
+        )
+    return notes
+
+
+def at_a_time(runs: list[dict[str, Any]]) -> str:
+    """How many of these runs went side by side (`--jobs`, recorded with each run)."""
+    jobs = max((r.get("jobs", 1) for r in runs), default=1)
+    return "one at a time" if jobs == 1 else f"{min(jobs, len(runs))} at a time"
 
 
 def report(out: Path, readme: Path = Path("README.md")) -> None:
@@ -273,8 +339,8 @@ def report(out: Path, readme: Path = Path("README.md")) -> None:
         if (runs := [r for seed in GPU_SEEDS if (r := load(gpu_select_name(name, seed)))])
     )
     gpu_machine = (load(gpu_select_name(GPU_ROUND[0], 0)) or {}).get("machine", "not run yet")
-    ready = all(val_errors(name) for name in ROUND3)
-    choice = chosen() if ready else "not chosen yet"
+    choice = chosen() if round_means() else "not chosen yet"
+    gpu_runs = [r for n in GPU_ROUND for seed in GPU_SEEDS if (r := load(gpu_select_name(n, seed)))]
     params = f"{seeds[0]['parameters']:,} parameters" if seeds else "not measured yet"
     rows = [
         ("MNIST, `mnist` preset (compact NiN, 2× wide)", "0.47", mnist_cells(seeds)),
@@ -313,9 +379,9 @@ report (CIFAR-10: its augmented row, translations and flips). Wall time is the w
 end to end; images/s counts training images only. Every number below was measured; rows that
 need a GPU say "not measured" and carry no estimate. On 2 CPU cores the runs went one at a time,
 but the test suite shared the cores during some of them and `select-e8-lookahead` was paused for
-about 9 minutes mid-run; on the GPU, runs went side by side ({GPU_JOBS} at a time on validation,
-{len(SEEDS)} for the finals). So read wall times and images/s here as a busy machine's (errors are
-unaffected).
+about 9 minutes mid-run; on the GPU, runs went {at_a_time(gpu_runs)} on validation and
+{at_a_time(seeds)} for the finals. So read wall times and images/s here as a busy machine's
+(errors are unaffected).
 
 | row | paper | ours | command | machine | wall time | images/s |
 |---|---|---|---|---|---|---|
@@ -350,7 +416,7 @@ column gives each candidate in full, as it runs today; a superseded row above is
 
 The fourth round ran on one GPU ({gpu_machine}), where a run takes a minute, not an hour: what
 2 CPU cores could not afford, {len(GPU_SEEDS)} seeds each, against e8 on the same GPU (`--stages
-select-gpu --jobs {GPU_JOBS}`): 20 epochs, 20 epochs at twice the width (`width` 2, 96/192/384
+select-gpu --jobs N`): 20 epochs, 20 epochs at twice the width (`width` 2, 96/192/384
 channels), and that with rotations of up to 10 degrees. Once all its runs are in, this round's
 means choose (a tie goes to the one listed first), and the finals above are the choice's on the
 same GPU; the CPU round's e8 finals stay in the table as superseded.
@@ -359,10 +425,7 @@ same GPU; the CPU round's e8 finals stay in the table as superseded.
 |---|---|---|---|---|---|---|---|
 {gpu_rows or "| not run yet | | | | | | | |"}
 
-e20-wide2 and e20-wide2-rotate10 tied on the mean (the same count of errors over their three
-seeds); the tie went to the one listed first. e8 erred more here than in the CPU rounds: the same
-recipe with the GPU's kernels instead of the CPU's and other random streams, a gap of a few images
-in 10,000.
+{gpu_round_notes(choice)}
 
 ## Departures from the paper
 

@@ -96,3 +96,71 @@ def test_ours_trains_a_preset_and_reads_its_history(data_dir):
     assert 0 < run["test_acc"] <= 1 and run["model"] == "nin_compact"
     assert run["input_size"] == (1, 28, 28) and run["peak_memory"] is None
     assert gpu_speed.speed(run) > 0
+
+
+@pytest.fixture
+def mnist_results(tmp_path, monkeypatch):
+    """benchmarks/results.py on a folder of made-up records, its training runs faked: what it
+    chooses and renames, never what it measures."""
+    results = importlib.import_module("results")
+    monkeypatch.setattr(results, "SAVED", tmp_path)
+    monkeypatch.setattr(results.torch.cuda, "is_available", lambda: True)
+    ran = []
+
+    def fake_run(saved, name, preset, args, data_dir, echo=True, extra=None):
+        ran.append(name)
+        if name == "final-s3":
+            raise RuntimeError("out of memory")
+        row = {"name": name, "result": {"test_acc": 0.997}, "run_dir": "", **(extra or {})}
+        report.write_json(saved / f"{name}.json", row)
+        return row
+
+    monkeypatch.setattr(results, "timed_run", fake_run)
+
+    def save(name, **fields):
+        report.write_json(tmp_path / f"{name}.json", {"name": name, **fields})
+
+    return results, save, ran
+
+
+def test_the_gpu_round_chooses_and_the_old_finals_step_aside(mnist_results, tmp_path):
+    results, save, ran = mnist_results
+    errors = {"e8": 40, "e20": 38, "e20-wide2": 33, "e20-wide2-rotate10": 33}  # of 10,000
+    for name, wrong in errors.items():
+        for seed in results.GPU_SEEDS:
+            val = {"val_acc": 1 - (wrong + seed - 1) / 10000}  # the same mean, spread by seed
+            save(results.gpu_select_name(name, seed), result=val)
+    (tmp_path / "runs" / "final-s0").mkdir(parents=True)
+    for seed in results.SEEDS:
+        run_dir = str(tmp_path / "runs" / f"final-s{seed}")
+        save(f"final-s{seed}", candidate="e8", run_dir=run_dir, result={"test_acc": 0.996})
+    assert results.chosen() == "e20-wide2"  # tied with rotate10 on the mean: the first listed
+    with pytest.raises(SystemExit, match=r"failed: final-s3 \(out of memory\)"):
+        results.stage_mnist(None, 2)
+    assert sorted(ran) == [f"final-s{s}" for s in results.SEEDS]  # one failure stops no other
+    retired = report.load_run(tmp_path, "e8-s0")
+    assert retired["name"] == "e8-s0" and (tmp_path / "runs" / "e8-s0").is_dir()
+    assert retired["run_dir"] == str(tmp_path / "runs" / "e8-s0")
+    final = report.load_run(tmp_path, "final-s0")
+    assert final["candidate"] == "e20-wide2" and final["jobs"] == 2
+
+
+def test_finals_that_name_no_candidate_are_not_renamed_blindly(mnist_results):
+    results, save, ran = mnist_results
+    for seed in results.VAL_SEEDS:
+        for name in results.ROUND3:
+            save(results.select_name(name, seed), result={"val_acc": 0.996})
+    save("final-s0", result={"test_acc": 0.996}, run_dir="")
+    with pytest.raises(SystemExit, match="final-s0 name no candidate"):
+        results.stage_mnist(None, 1)
+    assert not ran
+
+
+def test_a_failed_validation_run_stops_the_choice(mnist_results):
+    results, save, _ = mnist_results
+    for name in results.GPU_ROUND:
+        for seed in results.GPU_SEEDS:
+            save(results.gpu_select_name(name, seed), result={"val_acc": 0.996})
+    save(results.gpu_select_name("e20", 1), result={"error": "diverged"})
+    with pytest.raises(SystemExit, match="select-gpu-e20-s1 failed"):
+        results.chosen()
