@@ -221,20 +221,20 @@ def row(label: str, run: dict, flops: int, peak: float | None, base: float | Non
     )
 
 
-RUN_KEYS = ["reference", "chapter", "bf16", "compiled", "fast"]  # one per pipeline, in order
-PIPELINES = [
-    "reference: d2l's pipeline (PIL resize in DataLoader workers, fp32 with PyTorch's default "
-    "TF32 convolutions, NCHW, metrics every batch)",
-    "ours, chapter preset as it is (`--preset d2l`: fp32, NCHW, data on the GPU)",
-    "ours, chapter preset + the fast path (`--amp --channels-last`: bf16)",
-    "ours, chapter preset + `--amp --channels-last --compile --fused`",
-    "ours, fast recipe (`--preset compact`)",
-]
+# Each pipeline's row label, by the key its figures are saved under, in the table's order.
+PIPELINES = {
+    "reference": "reference: d2l's pipeline (PIL resize in DataLoader workers, fp32 with "
+    "PyTorch's default TF32 convolutions, NCHW, metrics every batch)",
+    "chapter": "ours, chapter preset as it is (`--preset d2l`: fp32, NCHW, data on the GPU)",
+    "bf16": "ours, chapter preset + the fast path (`--amp --channels-last`: bf16)",
+    "compiled": "ours, chapter preset + `--amp --channels-last --compile --fused`",
+    "fast": "ours, fast recipe (`--preset compact`)",
+}
 
 
 def placeholder() -> str:
     """The GPU section when no GPU has run this script: every row says so."""
-    rows = [f"| {p} |" + " not measured |" * (len(COLUMNS) - 1) for p in PIPELINES]
+    rows = [f"| {p} |" + " not measured |" * (len(COLUMNS) - 1) for p in PIPELINES.values()]
     return f"""## GPU: the textbook pipeline vs ours, same GPU
 
 Written by `python benchmarks/gpu_speed.py --placeholder` on {date.today():%Y-%m-%d}: this
@@ -349,7 +349,7 @@ def render(figures: dict) -> str:
     runs, peak, flops = figures["runs"], figures["peak_flops"], figures["flops"]
     base = speed(runs["reference"]) if "reference" in runs else None
     rows = []
-    for key, label in zip(RUN_KEYS, PIPELINES, strict=True):
+    for key, label in PIPELINES.items():
         if key in runs:
             model_flops = flops["nin_compact" if key == "fast" else "nin_d2l"]
             rows.append(

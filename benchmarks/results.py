@@ -126,17 +126,27 @@ def round_errors(
     return [val_error(r) for r in runs]
 
 
-# The rounds that choose, latest first: the first whose runs are all in decides.
-ROUNDS = ((GPU_ROUND, GPU_SEEDS, gpu_select_name), (ROUND3, VAL_SEEDS, select_name))
+GPU = (GPU_ROUND, GPU_SEEDS, gpu_select_name)
+CPU = (ROUND3, VAL_SEEDS, select_name)
+ROUNDS = (GPU, CPU)  # the rounds that choose, latest first: the first whose runs are all in
+
+
+def finalist_errors(
+    finalists: tuple[str, ...], seeds: tuple[int, ...], named: Callable[[str, int], str]
+) -> dict[str, list[float]] | None:
+    """Every finalist's validation errors % in a round, or None until all its runs are in."""
+    errors = {name: round_errors(name, seeds, named) for name in finalists}
+    return None if None in errors.values() else errors
+
+
+def means(errors: dict[str, list[float]]) -> dict[str, float]:
+    """Mean validation error % of each finalist, rounded so equal error counts tie exactly."""
+    return {name: round(statistics.mean(e), 9) for name, e in errors.items()}
 
 
 def round_means() -> dict[str, float] | None:
     """Each finalist's mean validation error % in the latest round whose runs are all in."""
-    for finalists, seeds, named in ROUNDS:
-        errors = {name: round_errors(name, seeds, named) for name in finalists}
-        if None not in errors.values():  # rounded: equal error counts must tie exactly
-            return {name: round(statistics.mean(e), 9) for name, e in errors.items()}
-    return None
+    return next((means(e) for r in ROUNDS if (e := finalist_errors(*r))), None)
 
 
 def chosen() -> str:
@@ -159,11 +169,12 @@ def run_all(
             )
             for name, args, extra in runs
         }
-    failed = [
-        f"{name} ({e})" if (e := future.exception()) else name
-        for name, future in futures.items()
-        if future.exception() or "error" in future.result()["result"]
-    ]
+    failed = []
+    for name, future in futures.items():
+        if error := future.exception():
+            failed.append(f"{name} ({error})")
+        elif "error" in future.result()["result"]:
+            failed.append(name)
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}; each saved JSON holds its output")
 
@@ -224,8 +235,7 @@ def stage_mnist(data_dir: str | None, jobs: int) -> None:
         if row["candidate"] != choice:
             retire(row, row["name"].replace("final", row["candidate"]))
     seeds = [seed for seed in SEEDS if load(f"final-s{seed}") is None]
-    gpu_chose = None not in (round_errors(n, GPU_SEEDS, gpu_select_name) for n in GPU_ROUND)
-    if seeds and gpu_chose and not torch.cuda.is_available():
+    if seeds and finalist_errors(*GPU) and not torch.cuda.is_available():
         raise SystemExit(f"the GPU round chose {choice}: run its finals on a CUDA GPU, as it ran")
     finals_to_run = [
         (f"final-s{s}", [*CANDIDATES[choice], "--seed", str(s)], {"candidate": choice})
@@ -282,10 +292,9 @@ def select_row(name: str, runs: list[dict[str, Any]], columns: int) -> str:
     )
 
 
-def gpu_round_test(choice: str) -> str:
+def gpu_round_test(choice: str, errors: dict[str, list[float]] | None) -> str:
     """The GPU round's choice against e8 on the same GPU: Welch's t-test on validation error."""
-    errors = {name: round_errors(name, GPU_SEEDS, gpu_select_name) for name in GPU_ROUND}
-    if None in errors.values() or choice == "e8" or choice not in GPU_ROUND:
+    if not errors or choice == "e8" or choice not in GPU_ROUND:
         return ""
     from scipy import stats
 
@@ -296,13 +305,12 @@ def gpu_round_test(choice: str) -> str:
     )
 
 
-def gpu_round_notes(choice: str) -> str:
+def gpu_round_notes(choice: str, errors: dict[str, list[float]] | None) -> str:
     """What the GPU round's table shows beyond its means: ties, and e8 against its CPU rounds."""
-    errors = {name: round_errors(name, GPU_SEEDS, gpu_select_name) for name in GPU_ROUND}
-    if None in errors.values() or choice not in GPU_ROUND:
+    if not errors or choice not in GPU_ROUND:
         return ""
-    means = {name: round(statistics.mean(e), 9) for name, e in errors.items()}
-    tied = [name for name in GPU_ROUND if name != choice and means[name] == means[choice]]
+    mean = means(errors)
+    tied = [name for name in GPU_ROUND if name != choice and mean[name] == mean[choice]]
     notes = (
         f"{', '.join(tied)} tied with {choice} on the mean (the same count of errors over "
         f"the seeds); the tie went to the one listed first. "
@@ -310,9 +318,10 @@ def gpu_round_notes(choice: str) -> str:
         else ""
     )
     if cpu := round_errors("e8", VAL_SEEDS, select_name):
+        cpu_mean = statistics.mean(cpu)
         notes += (
-            f"e8 erred {'more' if means['e8'] > statistics.mean(cpu) else 'less'} here "
-            f"({means['e8']:.3f}%) than in the CPU rounds ({statistics.mean(cpu):.3f}%): the "
+            f"e8 erred {'more' if mean['e8'] > cpu_mean else 'less'} here "
+            f"({mean['e8']:.3f}%) than in the CPU rounds ({cpu_mean:.3f}%): the "
             "same recipe with the GPU's kernels instead of the CPU's and other random streams."
         )
     return notes
@@ -333,14 +342,18 @@ def report(out: Path, readme: Path = Path("README.md")) -> None:
         for name in CANDIDATES
         if (runs := [r for seed in VAL_SEEDS if (r := load(select_name(name, seed)))])
     )
-    gpu_rows = "\n".join(
-        select_row(name, runs, len(GPU_SEEDS))
+    gpu_select = {
+        name: [r for seed in GPU_SEEDS if (r := load(gpu_select_name(name, seed)))]
         for name in GPU_ROUND
-        if (runs := [r for seed in GPU_SEEDS if (r := load(gpu_select_name(name, seed)))])
+    }
+    gpu_rows = "\n".join(
+        select_row(name, runs, len(GPU_SEEDS)) for name, runs in gpu_select.items() if runs
     )
-    gpu_machine = (load(gpu_select_name(GPU_ROUND[0], 0)) or {}).get("machine", "not run yet")
+    gpu_runs = [r for runs in gpu_select.values() for r in runs]
+    gpu_machine = gpu_runs[0]["machine"] if gpu_runs else "not run yet"
+    gpu_errors = finalist_errors(*GPU)
     choice = chosen() if round_means() else "not chosen yet"
-    gpu_runs = [r for n in GPU_ROUND for seed in GPU_SEEDS if (r := load(gpu_select_name(n, seed)))]
+    welch, gpu_notes = gpu_round_test(choice, gpu_errors), gpu_round_notes(choice, gpu_errors)
     params = f"{seeds[0]['parameters']:,} parameters" if seeds else "not measured yet"
     rows = [
         ("MNIST, `mnist` preset (compact NiN, 2× wide)", "0.47", mnist_cells(seeds)),
@@ -393,7 +406,7 @@ about 9 minutes mid-run; on the GPU, runs went {at_a_time(gpu_runs)} on validati
 
 Each candidate on top of the `mnist` preset, trained on the first 50,000 training images and
 scored on the last 10,000 (`--holdout {HOLDOUT}`; the test split is not read). Chosen:
-**{choice}** (the lowest mean validation error of the latest round).{gpu_round_test(choice)} The
+**{choice}** (the lowest mean validation error of the latest round).{welch} The
 candidates came in four rounds, each judged on validation alone: e8, e8-nodrop and e8-lookahead
 first, one seed each; after e8's five finals left one seed over the {BAR:.2f}% bar, e16 (twice the
 epochs), one seed;
@@ -425,7 +438,7 @@ same GPU; the CPU round's e8 finals stay in the table as superseded.
 |---|---|---|---|---|---|---|---|
 {gpu_rows or "| not run yet | | | | | | | |"}
 
-{gpu_round_notes(choice)}
+{gpu_notes}
 
 ## Departures from the paper
 
