@@ -1,7 +1,7 @@
 """Resources: a per-layer table of output shapes, parameters and FLOPs (`nin summary`).
 
 FLOPs come from PyTorch's own `torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts
-as two FLOPs); a layer's count is the counter's total after it ran minus the total before.
+as two FLOPs), which also keeps each module's share of them: a layer's row is its share.
 """
 
 from __future__ import annotations
@@ -42,35 +42,19 @@ def summarize(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1
     Top-level layers that contain others (NiN blocks) get a row with their subtotals, followed
     by one row per layer inside them; leaf rows alone add up to the totals.
     """
-    leaves = {name: m for name, m in model.named_modules() if name and not list(m.children())}
-    rows: dict[str, LayerRow] = {}
+    # Top-level layers (depth 1) and the single layers inside them (depth 2), in declared order.
+    layers = {
+        name: (module, 1 if "." not in name else 2)
+        for name, module in model.named_modules()
+        if name and ("." not in name or not list(module.children()))
+    }
+    shapes: dict[nn.Module, tuple[int, ...]] = {}
+
+    def record_shape(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        shapes[module] = tuple(output.shape)
+
+    handles = [module.register_forward_hook(record_shape) for module, _ in layers.values()]
     counter = FlopCounterMode(display=False)
-    before: dict[str, int] = {}
-
-    def pre_hook(name: str):
-        def hook(module: nn.Module, args) -> None:
-            before[name] = counter.get_total_flops()
-
-        return hook
-
-    def post_hook(name: str, depth: int):
-        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
-            params = sum(p.numel() for p in module.parameters())
-            flops = counter.get_total_flops() - before[name]
-            rows[name] = LayerRow(
-                name, type(module).__name__, tuple(output.shape), params, flops, depth
-            )
-
-        return hook
-
-    handles = []
-    for name, module in model.named_children():
-        handles.append(module.register_forward_pre_hook(pre_hook(name)))
-        handles.append(module.register_forward_hook(post_hook(name, 1)))
-    for name, module in leaves.items():
-        if "." in name:  # leaves inside a top-level block
-            handles.append(module.register_forward_pre_hook(pre_hook(name)))
-            handles.append(module.register_forward_hook(post_hook(name, 2)))
     was_training = model.training
     try:
         model.eval()
@@ -82,8 +66,16 @@ def summarize(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1
         model.train(was_training)
         for h in handles:
             h.remove()
-    # Order rows as the modules are declared: a block, then its layers.
-    return [rows[name] for name, _ in model.named_modules() if name in rows]
+    # The counter keys each module's FLOPs by its path under the model's class name.
+    flops = counter.get_flop_counts()
+    prefix = type(model).__name__
+    return [
+        LayerRow(name, type(module).__name__, shapes[module],
+                 sum(p.numel() for p in module.parameters()),
+                 sum(flops.get(f"{prefix}.{name}", {}).values()), depth)
+        for name, (module, depth) in layers.items()
+        if module in shapes
+    ]  # fmt: skip
 
 
 def leaf_rows(rows: list[LayerRow]) -> list[LayerRow]:
@@ -135,11 +127,9 @@ def check_optimizer(name: str) -> None:
 def make_optimizer(name: str, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """The optimizer `name` (sgd: the chapter's plain SGD; momentum; adam) over `params`."""
     check_optimizer(name)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=0.1)
-    if name == "momentum":
-        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    return torch.optim.Adam(params, lr=1e-3)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3)
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9 if name == "momentum" else 0.0)
 
 
 @dataclass
@@ -177,11 +167,6 @@ class Resources:
 def nbytes(tensors: Iterable[torch.Tensor]) -> int:
     """Total bytes of some tensors."""
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def element_bytes(dtype: torch.dtype) -> int:
-    """Bytes per element of `dtype`."""
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def saved_by_layer(
@@ -309,7 +294,7 @@ def analytic_memory(
     batch-1 summary, if already made.
     """
     param = next(model.parameters())
-    element = element_bytes(param.dtype)
+    element = param.element_size()
     rows = rows or summarize(model, input_size)
     weight_bytes = nbytes(model.parameters())
     buffer_bytes = nbytes(model.buffers())
@@ -342,70 +327,64 @@ def training_bytes(
     return analytic_memory(model, input_size, batch_size, optimizer)[0].training_peak
 
 
+def saved_tensor_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes autograd keeps from one training forward pass for the backward: every tensor it
+    packs (a saved-tensors hook), each storage counted once, the weights and buffers left out."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x), y)
+    return sum(saved.values())
+
+
 def measure_memory(
     model: nn.Module, input_size: tuple[int, ...], batch_size: int, optimizer: str
 ) -> Memory | None:
     """Memory measured on a real training step and a real inference pass on the model's device.
 
-    Gradients and optimizer state are read from the tensors after a step. Saved activations:
-    every tensor autograd packs for the backward pass (a saved-tensors hook), each storage
-    counted once, weights left out. Peaks: `torch.cuda.max_memory_allocated` on a GPU; on the
+    Gradients and optimizer state are read from the tensors after a step; saved activations
+    come from `saved_tensor_bytes`. Peaks: `torch.cuda.max_memory_allocated` on a GPU; on the
     CPU, the PyTorch profiler's allocation and free events in time order, added to the bytes
     already alive when the step starts. None where neither is available. The steps run on a
     copy: `model` is left as it was.
     """
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).train()
     param = next(model.parameters())
-    device = param.device
-    x = torch.rand(batch_size, *input_size, dtype=param.dtype, device=device)
-    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    x = torch.rand(batch_size, *input_size, dtype=param.dtype, device=param.device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=param.device)
     opt = make_optimizer(optimizer, model.parameters())
-    state = [*model.parameters(), *model.buffers()]  # weights and running statistics
-    weight_storages = {t.untyped_storage().data_ptr() for t in state}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weight_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
 
     def step() -> None:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    model.train()
-    step()  # warm-up: creates the optimizer state, as in any step after the first
-    grad_bytes = nbytes(p.grad for p in model.parameters() if p.grad is not None)
-    opt.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.cross_entropy(model(x), y)
-    state_bytes = nbytes(
-        t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
-    )
-    weight_bytes = nbytes(state)
-    alive = weight_bytes + state_bytes + nbytes([x, y])
-    training_peak = peak_bytes(step, device, alive)
-    opt.zero_grad(set_to_none=True)
-    opt.state.clear()
-    model.eval()
-    alive = weight_bytes + nbytes([x])
-
     def forward() -> None:
         with torch.inference_mode():
             model(x)
 
-    inference_peak = peak_bytes(forward, device, alive)
+    step()  # warm-up: creates the optimizer state, as in any step after the first
+    grad_bytes = nbytes(p.grad for p in model.parameters() if p.grad is not None)
+    opt.zero_grad(set_to_none=True)
+    saved = saved_tensor_bytes(model, x, y)
+    state_bytes = nbytes(
+        t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
+    )
+    weight_bytes = nbytes([*model.parameters(), *model.buffers()])  # with running statistics
+    training_peak = peak_bytes(step, param.device, weight_bytes + state_bytes + nbytes([x, y]))
+    opt.zero_grad(set_to_none=True)
+    opt.state.clear()
+    model.eval()
+    inference_peak = peak_bytes(forward, param.device, weight_bytes + nbytes([x]))
     if training_peak is None or inference_peak is None:
         return None
-    return Memory(
-        weights=weight_bytes,
-        gradients=grad_bytes,
-        optimizer_state=state_bytes,
-        saved_activations=sum(saved.values()),
-        training_peak=training_peak,
-        inference_peak=inference_peak,
-    )
+    return Memory(weight_bytes, grad_bytes, state_bytes, saved, training_peak, inference_peak)
 
 
 @contextlib.contextmanager
