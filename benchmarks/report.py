@@ -1,19 +1,28 @@
-"""Shared by the benchmark scripts: where a run happened, and writing its section of a report.
+"""Shared by the benchmark scripts: the one way to run a timed `nin train`, the committed records
+of such runs, the stages of a script, report prose from templates/, and the sections it fills.
 
-Each script owns one section of docs/benchmarks.md, between `<!-- begin NAME -->` and
-`<!-- end NAME -->`; rerunning a script replaces its section and leaves the others alone.
+Each script owns one section of docs/benchmarks.md (or another page), between
+`<!-- begin NAME -->` and `<!-- end NAME -->`; rerunning a script replaces its section and leaves
+the others alone.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import inspect
 import json
+import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,8 +31,15 @@ import torch
 
 from nin.config import make_config
 from nin.device import describe, environment
+from nin.exercises.common import mean_std as mean_and_std
 from nin.files import atomic_path, write_json
 from nin.models import model_info
+
+TEMPLATES = Path(__file__).with_name("templates")
+SECTION = re.compile(r"^<!-- (\w+) -->\n", re.MULTILINE)
+POLL = 0.5  # seconds between looks at a running child (its metrics, its deadline)
+# The marks a CIFAR-10 run is timed to: the paper's best accuracy (with augmentation), 93%, 94%.
+TARGETS = (0.9119, 0.93, 0.94)
 
 
 def dropout(model: str, model_kwargs: dict[str, Any]) -> float:
@@ -35,6 +51,14 @@ def dropout(model: str, model_kwargs: dict[str, Any]) -> float:
 def machine() -> str:
     """CPU, threads, GPU if any, torch and Python versions, in one line."""
     return describe(environment("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def fill(name: str, section: str, **values: Any) -> str:
+    """Section SECTION of templates/NAME.md (the text after its `<!-- SECTION -->` line, up to the
+    next), filled in with `str.format`; text before the first section is a note."""
+    parts = SECTION.split((TEMPLATES / f"{name}.md").read_text(encoding="utf-8"))[1:]
+    sections = dict(zip(parts[::2], parts[1::2], strict=True))
+    return sections[section].rstrip("\n").format(**values)
 
 
 def write_section(path: str | Path, name: str, markdown: str) -> None:
@@ -55,6 +79,134 @@ def write_section(path: str | Path, name: str, markdown: str) -> None:
         tmp.write_text(text)
 
 
+# --- Statistics (mean ± std as the exercises compute it) ---------------------------------------
+
+
+def mean_std(values: list[float], digits: int = 2) -> str:
+    """Mean ± sample std (just the mean for one value)."""
+    mean, std = mean_and_std(values)
+    spread = f" ± {std:.{digits}f}" if len(values) > 1 else ""
+    return f"{mean:.{digits}f}{spread}"
+
+
+def listed(values: Iterable[float], form: str = "{:.2f}") -> str:
+    """Each value in FORM, comma-separated."""
+    return ", ".join(form.format(v) for v in values)
+
+
+def t_test(
+    a: list[float], b: list[float] | float, alternative: str = "two-sided"
+) -> tuple[float, float]:
+    """t and p of Welch's test between two samples' means (B a list), or of the one-sample test
+    of A's mean against the number B."""
+    from scipy import stats  # here: the GPU check imports this file where SciPy may be missing
+
+    if isinstance(b, list):
+        test = stats.ttest_ind(a, b, equal_var=False, alternative=alternative)
+    else:
+        test = stats.ttest_1samp(a, b, alternative=alternative)
+    return float(test.statistic), float(test.pvalue)
+
+
+# --- Timed runs --------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The whole lines of a JSON-lines file (a line being written is left out)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def run_process(
+    command: list[str],
+    deadline: float | None = None,
+    echo: str | None = "",
+    poll: Callable[[], None] | None = None,
+    **popen: Any,
+) -> tuple[int | None, list[str]]:
+    """Run COMMAND in a process group of its own until it ends or `deadline` (time.monotonic());
+    each output line kept and, unless `echo` is None, printed after it as it comes; `poll`
+    called twice a second and once at the end. Returns the exit status (None if it was killed at
+    the deadline) and the output lines."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, **popen,
+    )  # fmt: skip
+    lines: list[str] = []
+
+    def copy() -> None:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if echo is not None:
+                print(echo + line, end="", flush=True)
+
+    reader = threading.Thread(target=copy, daemon=True)
+    reader.start()
+    killed = False
+    try:
+        while process.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                killed = True
+                break
+            if poll:
+                poll()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(POLL)  # returns as soon as the run ends
+    finally:
+        if process.poll() is None:  # the deadline, or this script was interrupted
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        reader.join(10)
+    if poll:
+        poll()
+    return (None if killed else process.returncode), lines
+
+
+def run_train(
+    args: list[str],
+    out: Path,
+    deadline: float | None = None,
+    echo: str | None = "",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    **popen: Any,
+) -> dict[str, Any]:
+    """`nin train ARGS --out OUT` in a subprocess (`run_process`), timed from launch to exit.
+
+    The run: `history` (metrics.jsonl, read as it grows; `on_epoch` is called with the run on
+    each new epoch), `wall_seconds`, `startup_seconds` (interpreter start-up and imports: the
+    part of the wall time the run's own clock misses; while it runs, the least gap between an
+    epoch's line being seen and its own time, at most POLL too long), `config` (config.json,
+    None if it wrote none), `code` (the exit status, None if killed) and `log` (its output)."""
+    run: dict[str, Any] = {"history": [], "startup_seconds": None}
+    seen: dict[int, float] = {}  # epoch -> seconds since launch when its line was first read
+    start = time.monotonic()
+
+    def poll() -> None:
+        rows = read_jsonl(out / "metrics.jsonl")
+        if len(rows) > len(run["history"]):
+            now = time.monotonic() - start
+            for row in rows[len(run["history"]) :]:
+                seen.setdefault(row["epoch"], now)
+            startup = min(seen[r["epoch"]] - r["elapsed_seconds"] for r in rows)
+            run.update(history=rows, wall_seconds=now, startup_seconds=startup)
+            if on_epoch:
+                on_epoch(run)
+
+    command = [sys.executable, "-m", "nin", "train", *args, "--out", str(out)]
+    code, log = run_process(command, deadline, echo, poll, **popen)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    run.update(wall_seconds=time.monotonic() - start, config=config, code=code, log=log)
+    if code == 0 and config and "result" in config:
+        run["startup_seconds"] = run["wall_seconds"] - config["result"]["wall_seconds"]
+    return run
+
+
 def timed_run(
     saved: Path,
     name: str,
@@ -64,8 +216,7 @@ def timed_run(
     echo: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`nin train --preset PRESET ARGS` in a subprocess, timed end to end (interpreter start-up,
-    data loading, training, evaluations, saving); the run's record saved as SAVED/NAME.json.
+    """`nin train --preset PRESET ARGS` (`run_train`), its record saved as SAVED/NAME.json.
     Its output is shown as it comes, or (echo False: runs side by side) its last line at the end;
     EXTRA adds fields to the record (what it was run as)."""
     out = saved / "runs" / name
@@ -73,24 +224,11 @@ def timed_run(
         raise SystemExit(f"{out} exists: delete it to run {name} again")
     data = ["--data-dir", data_dir] if data_dir else []
     command = ["nin", "train", "--preset", preset, *args]
-    start = time.perf_counter()
-    with subprocess.Popen(
-        [sys.executable, "-m", "nin", *command[1:], *data, "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as done:
-        log = []
-        for line in done.stdout:  # shown as it comes, and kept: the docs quote it
-            if echo:
-                print(line, end="", flush=True)
-            log.append(line.rstrip("\n"))
-    wall = time.perf_counter() - start
+    run = run_train([*command[2:], *data], out, echo="" if echo else None)
+    log, wall, config = run["log"], run["wall_seconds"], run["config"]
     if not echo:
         print(f"{name}: {log[-1] if log else 'no output'} ({wall:.0f} s)", flush=True)
-    config = json.loads((out / "config.json").read_text())
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    if done.returncode:  # a run that stopped (diverged, collapsed) is a result too: say why
+    if run["code"]:  # a run that stopped (diverged, collapsed) is a result too: say why
         config["result"] = {"error": log[-1] if log else "no output", "wall_seconds": wall}
     row = {
         "name": name,
@@ -99,22 +237,13 @@ def timed_run(
         "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "run_dir": str(out),
         "wall_seconds": wall,
-        # Interpreter start-up and imports: the part of `wall` the run's own clock misses.
         "startup_seconds": wall - config["result"]["wall_seconds"],
-        "model": config["model"],
-        "model_kwargs": config["model_kwargs"],
-        "epochs": config["epochs"],
-        "parameters": config["parameters"],
-        "result": config["result"],
-        "history": history,
+        **{key: config[key] for key in ("model", "model_kwargs", "epochs", "parameters", "result")},
+        "history": run["history"],
         "log": log,
     } | (extra or {})
     write_json(saved / f"{name}.json", row)
     return row
-
-
-# The marks a CIFAR-10 run is timed to: the paper's best accuracy (with augmentation), 93%, 94%.
-TARGETS = (0.9119, 0.93, 0.94)
 
 
 def time_to(row: dict[str, Any], target: float) -> float | None:
@@ -128,10 +257,76 @@ def time_to(row: dict[str, Any], target: float) -> float | None:
     return row.get("wall_seconds") if final else None
 
 
-def load_run(saved: Path, name: str) -> dict[str, Any] | None:
-    """A run saved by `timed_run`, or None if it has not been run."""
-    path = saved / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+# --- Records and stages ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Records:
+    """A script's committed runs, one JSON file each in `folder` (by `timed_run`), on `preset`."""
+
+    folder: Path
+    preset: str = "compact"
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        """A saved run, or None if it has not been run."""
+        path = self.folder / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def seeds(self, prefix: str) -> list[dict[str, Any]]:
+        """The runs PREFIX-s0, PREFIX-s1, ... in seed order, until one is missing."""
+        runs = []
+        while row := self.load(f"{prefix}-s{len(runs)}"):
+            runs.append(row)
+        return runs
+
+    def run(self, name: str, args: list[str], data_dir: str | None, **how: Any) -> dict[str, Any]:
+        """`nin train --preset PRESET ARGS`, timed (`timed_run`) and saved here as NAME.json."""
+        return timed_run(self.folder, name, self.preset, args, data_dir, **how)
+
+    def save(self, row: dict[str, Any]) -> None:
+        """Write a run's record (again) as its NAME.json."""
+        write_json(self.folder / f"{row['name']}.json", row)
+
+    def run_holdout(
+        self,
+        name: str,
+        args: list[str],
+        holdout: int,
+        levels: tuple[int, ...],
+        data_dir: str | None,
+    ) -> dict[str, Any]:
+        """NAME trained on all but the last HOLDOUT training images, its final weights scored on
+        those at each test-time augmentation level (`val_acc_by_tta`); the test split unread."""
+        row = self.run(name, [*args, "--holdout", str(holdout)], data_dir)
+        row["val_acc_by_tta"] = score_tta_levels(row, self.preset, holdout, levels, data_dir)
+        self.save(row)
+        return row
+
+
+def stage_parser(
+    doc: str, stages: Iterable[str], out: str, default: list[str] | None = None
+) -> argparse.ArgumentParser:
+    """The command line of a script in stages: --stages (`report` renders from the records),
+    --data-dir and --out, the page it writes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    choices = [*stages, "report"]
+    parser.add_argument("--stages", nargs="+", default=default or ["report"], choices=choices)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def run_stages(
+    args: argparse.Namespace,
+    stages: dict[str, Callable[[argparse.Namespace], None]],
+    report: Callable[[Path], None],
+) -> None:
+    """The stages named on the command line, in its order; `report` writes ARGS.out."""
+    for stage in args.stages:
+        if stage == "report":
+            report(Path(args.out))
+        else:
+            stages[stage](args)
 
 
 def score_tta_levels(
@@ -155,26 +350,7 @@ def score_tta_levels(
     }
 
 
-def welch(a: list[float], b: list[float]) -> str:
-    """Welch's two-sided t-test of two samples' means, as a short phrase with t and p."""
-    from scipy import stats  # here: the GPU check imports this file without SciPy
-
-    test = stats.ttest_ind(a, b, equal_var=False)
-    return f"Welch's t = {test.statistic:.2f}, p = {test.pvalue:.2g}"
-
-
-def seed_runs(saved: Path, prefix: str) -> list[dict[str, Any]]:
-    """The runs PREFIX-s0, PREFIX-s1, ... saved in SAVED, in seed order, until one is missing."""
-    runs = []
-    while row := load_run(saved, f"{prefix}-s{len(runs)}"):
-        runs.append(row)
-    return runs
-
-
-def mean_std(values: list[float], digits: int = 2) -> str:
-    """Mean ± sample std (just the mean for one value)."""
-    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.{digits}f}{spread}"
+# --- The README's generated blocks ---------------------------------------------------------------
 
 
 def gpu_chapter_cell(summary_path: Path = Path("results/gpu-check/summary.json")) -> str:
@@ -185,77 +361,49 @@ def gpu_chapter_cell(summary_path: Path = Path("results/gpu-check/summary.json")
     if not runs:
         return "not measured yet: a GPU's job"
     accs = [100 * r["result"]["test_acc"] for r in runs]
-    wall = statistics.mean(r["wall_seconds"] for r in runs)
     seeds = f"over {len(runs)} seeds" if len(runs) > 1 else "with one seed so far"
-    return (
-        f"**{mean_std(accs, 1)}% test accuracy** {seeds}, {wall:.0f} s a run end to end on one "
-        f"{summary['gpu']} ([GPU check](docs/results.md#on-one-gpu-the-chapters-setting-and-"
-        f"cifar-10-against-the-clock))"
-    )
+    wall = statistics.mean(r["wall_seconds"] for r in runs)
+    return fill("readme", "gpu", acc=mean_std(accs, 1), seeds=seeds, wall=wall, gpu=summary["gpu"])
+
+
+def readme_cell(runs: list[dict[str, Any]], what: str, error: bool = False) -> str:
+    """Mean ± std over the seeds; for an error, the worst seed (the bar is per seed) and the GPU
+    it trained on; else the wall time (those runs had 2 CPU cores to themselves)."""
+    if not runs:
+        return "not measured yet"
+    values = [100 * r["result"]["test_acc"] for r in runs]
+    values = [100 - a for a in values] if error else values
+    text = f"**{mean_std(values)}% {what}** over {len(runs)} seeds"
+    if not error:
+        wall = statistics.mean(r["wall_seconds"] for r in runs) / 60
+        return f"{text}, {wall:.1f} min a run end to end on 2 CPU cores"
+    text += f" (worst {max(values):.2f}%)"
+    gpu = re.search(r"GPU ([^,]+)", runs[0]["machine"])
+    return f"{text}, trained on one {gpu[1]}" if gpu else text
 
 
 def write_readme_results(readme: Path = Path("README.md")) -> None:
     """The README's results table, rendered from the committed runs in results/ (the same data
     as the pages it links to), so no figure is copied by hand."""
-    fashion = seed_runs(Path("results/fashion-mnist"), "final")
-    mnist = seed_runs(Path("results/mnist"), "final")
-    cifar = seed_runs(Path("results/cifar10-fast"), "final")
-
-    def cell(runs: list[dict[str, Any]], what: str, error: bool = False, timed: bool = True) -> str:
-        """Mean ± std over the seeds; for an error, the worst seed (the bar is per seed); the
-        wall time where the runs had the machine to themselves (`timed`)."""
-        if not runs:
-            return "not measured yet"
-        accs = [100 * r["result"]["test_acc"] for r in runs]
-        values = [100 - a for a in accs] if error else accs
-        text = f"**{mean_std(values)}% {what}** over {len(runs)} seeds"
-        if error:
-            text += f" (worst {max(values):.2f}%)"
-        if timed:
-            wall = statistics.mean(r["wall_seconds"] for r in runs) / 60
-            text += f", {wall:.1f} min a run end to end on 2 CPU cores"
-        elif gpu := re.search(r"GPU ([^,]+)", runs[0]["machine"]):
-            text += f", trained on one {gpu[1]}"
-        return text
-
-    rows = [
-        ("Fashion-MNIST", "`compact` (`nin_compact`, the default)", cell(fashion, "test accuracy"),
-         "", "[recipe](docs/recipe.md)"),
-        ("Fashion-MNIST", "`d2l` (`nin_d2l`, the chapter's exact setting)",
-         gpu_chapter_cell(), "the chapter's printed runs: 0.834–0.867",
-         "[the chapter](docs/chapter.md)"),
-        ("MNIST", "`mnist` (`nin_compact`, 2× wide)",
-         cell(mnist, "test error", error=True, timed=False), "the paper: 0.47% error",
-         "[results](docs/results.md)"),
-        ("CIFAR-10", "`cifar10-fast` (`nin_fast`)", cell(cifar, "test accuracy"),
-         "the paper: 91.19% (8.81% error), about 300 epochs on a GPU",
-         "[results](docs/results.md#cifar-10-in-minutes-on-a-cpu-nin-train-preset-cifar10-fast)"),
-    ]  # fmt: skip
-    table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
-    write_section(
-        readme,
-        "results",
-        f"""
-Rendered by `benchmarks/report.py` from the runs committed in `results/`; the page each row links
-to gives its commands, machine and every run.
-
-| data set | preset (network) | result | the paper, the chapter | more |
-|---|---|---|---|---|
-{table}
-""",
+    fashion, mnist, cifar = (
+        Records(Path("results") / name).seeds("final")
+        for name in ("fashion-mnist", "mnist", "cifar10-fast")
     )
+    cells = {
+        "fashion": readme_cell(fashion, "test accuracy"),
+        "chapter": gpu_chapter_cell(),
+        "mnist": readme_cell(mnist, "test error", error=True),
+        "cifar": readme_cell(cifar, "test accuracy"),
+    }
+    write_section(readme, "results", fill("readme", "results", **cells))
 
 
 def write_transcripts(row: dict[str, Any], readme: Path = Path("README.md")) -> None:
     """What `nin train` printed in a committed run, as the README (shortened) and
     docs/training.md (whole) show it: one source, never copied by hand."""
     log = row["log"]
-    caption = (
-        f"What `nin train` printed in the run saved as `results/{Path(row['run_dir']).parts[1]}/"
-        f"{row['name']}.json` (2 CPU cores, no GPU; {row['wall_seconds'] / 60:.1f} min end to "
-        "end; `make train` prints the same after setting up `.venv`, with `runs/<time>-compact` "
-        "for the folder):"
-    )
+    folder = Path(row["run_dir"]).parts[1]
+    caption = fill("readme", "transcript", folder=folder, row=row, minutes=row["wall_seconds"] / 60)
     short = [*log[:3], "...", *log[-3:]] if len(log) > 7 else log
     for path, lines in ((readme, short), (Path("docs/training.md"), log)):
         body = "\n".join(lines)

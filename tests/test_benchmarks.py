@@ -4,8 +4,11 @@ Nothing here skips: the scripts need only the package and its dependencies, so a
 no longer imports (say, after a rename in `nin`) fails here instead of vanishing from the run.
 """
 
+import argparse
 import importlib
+import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -103,7 +106,7 @@ def mnist_results(tmp_path, monkeypatch):
     """benchmarks/results.py on a folder of made-up records, its training runs faked: what it
     chooses and renames, never what it measures."""
     results = importlib.import_module("results")
-    monkeypatch.setattr(results, "SAVED", tmp_path)
+    monkeypatch.setattr(results, "RECORDS", report.Records(tmp_path, "mnist"))
     monkeypatch.setattr(results.torch.cuda, "is_available", lambda: True)
     ran = []
 
@@ -115,7 +118,7 @@ def mnist_results(tmp_path, monkeypatch):
         report.write_json(saved / f"{name}.json", row)
         return row
 
-    monkeypatch.setattr(results, "timed_run", fake_run)
+    monkeypatch.setattr(report, "timed_run", fake_run)
 
     def save(name, **fields):
         report.write_json(tmp_path / f"{name}.json", {"name": name, **fields})
@@ -136,12 +139,12 @@ def test_the_gpu_round_chooses_and_the_old_finals_step_aside(mnist_results, tmp_
         save(f"final-s{seed}", candidate="e8", run_dir=run_dir, result={"test_acc": 0.996})
     assert results.chosen() == "e20-wide2"  # tied with rotate10 on the mean: the first listed
     with pytest.raises(SystemExit, match=r"failed: final-s3 \(out of memory\)"):
-        results.stage_mnist(None, 2)
+        results.stage_mnist(argparse.Namespace(data_dir=None, jobs=2))
     assert sorted(ran) == [f"final-s{s}" for s in results.SEEDS]  # one failure stops no other
-    retired = report.load_run(tmp_path, "e8-s0")
+    retired = results.RECORDS.load("e8-s0")
     assert retired["name"] == "e8-s0" and (tmp_path / "runs" / "e8-s0").is_dir()
     assert retired["run_dir"] == str(tmp_path / "runs" / "e8-s0")
-    final = report.load_run(tmp_path, "final-s0")
+    final = results.RECORDS.load("final-s0")
     assert final["candidate"] == "e20-wide2" and final["jobs"] == 2
 
 
@@ -152,7 +155,7 @@ def test_finals_that_name_no_candidate_are_not_renamed_blindly(mnist_results):
             save(results.select_name(name, seed), result={"val_acc": 0.996})
     save("final-s0", result={"test_acc": 0.996}, run_dir="")
     with pytest.raises(SystemExit, match="final-s0 name no candidate"):
-        results.stage_mnist(None, 1)
+        results.stage_mnist(argparse.Namespace(data_dir=None, jobs=1))
     assert not ran
 
 
@@ -164,3 +167,44 @@ def test_a_failed_validation_run_stops_the_choice(mnist_results):
     save(results.gpu_select_name("e20", 1), result={"error": "diverged"})
     with pytest.raises(SystemExit, match="select-gpu-e20-s1 failed"):
         results.chosen()
+
+
+@pytest.mark.parametrize(
+    ("script", "page"), [("cifar10_fast", "docs/results.md"), ("results", "docs/results.md")]
+)
+def test_the_committed_records_render_the_committed_pages(script, page, tmp_path, monkeypatch):
+    """The report stage, on the records in results/, writes the pages as they are committed (its
+    prose from templates/, its figures from the records)."""
+    monkeypatch.chdir(REPO)
+    shutil.copy(page, tmp_path / "page.md")
+    shutil.copy("README.md", tmp_path / "README.md")
+    importlib.import_module(script).report(tmp_path / "page.md", readme=tmp_path / "README.md")
+    assert (tmp_path / "page.md").read_text() == (REPO / page).read_text()
+    assert (tmp_path / "README.md").read_text() == (REPO / "README.md").read_text()
+
+
+def test_a_template_section_is_filled_and_a_missing_value_fails():
+    cell = report.fill("readme", "gpu", acc="90.0", seeds="over 2 seeds", wall=61.4, gpu="GPU")
+    assert cell.startswith("**90.0% test accuracy** over 2 seeds, 61 s a run end to end on one GPU")
+    with pytest.raises(KeyError):
+        report.fill("readme", "gpu", acc="90.0")
+
+
+def test_a_run_past_its_deadline_is_killed_and_its_output_kept():
+    command = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    start = time.monotonic()
+    code, lines = report.run_process(command, deadline=start + 2, echo=None)
+    assert code is None and lines == ["started"] and time.monotonic() - start < 30
+    code, lines = report.run_process([sys.executable, "-c", "print('done')"], echo=None)
+    assert code == 0 and lines == ["done"]
+
+
+def test_time_to_a_mark_counts_start_up_and_falls_back_on_the_final_result():
+    row = {
+        "startup_seconds": 5.0, "wall_seconds": 100.0, "result": {"test_acc": 0.95},
+        "history": [{"test_acc": 0.90, "elapsed_seconds": 30.0},
+                    {"test_acc": 0.935, "elapsed_seconds": 60.0}],
+    }  # fmt: skip
+    assert report.time_to(row, 0.93) == 65.0  # the epoch's end, from the command's start
+    assert report.time_to(row, 0.94) == 100.0  # only the final evaluation (with TTA) got there
+    assert report.time_to(row, 0.96) is None
