@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import time
 from datetime import date
+from typing import Any
 
 import torch
-from report import dropout, machine, write_section
+from report import dropout, fill, machine, write_section
 from torch import nn
 
 from nin.checkpoint import new_run_dir
@@ -30,7 +31,7 @@ def on(flag: bool) -> str:
     return "on" if flag else "off"
 
 
-def augmentation(config) -> str:
+def augmentation(config: Any) -> str:
     """The run's augmentation, in words."""
     parts = ["random flips"] * config.flip
     parts += [f"{config.crop_padding}-pixel translations"] * bool(config.crop_padding)
@@ -62,14 +63,31 @@ def naive_epoch_speed(data_dir: str | None, batch_size: int, steps: int) -> floa
     return seen / (time.perf_counter() - start)
 
 
+def render(config: Any, result: dict[str, Any], wall: float, naive: float, steps: int) -> str:
+    """The section from one run of `train()` and the naive loop's speed over STEPS steps."""
+    rows = "\n".join(
+        f"| {r['epoch']} | {r['epoch_seconds']:.1f} | {r['examples_per_sec']:.0f} "
+        f"| {r['loss']:.3f} | {r['train_acc']:.4f} | {r['test_acc']:.4f} |"
+        for r in result["history"]
+    )
+    speed = result["examples_per_sec"]
+    return fill(
+        "cpu_default", "section", date=f"{date.today():%Y-%m-%d}", machine=machine(),
+        device=result["device"], config=config, dropout=dropout(config.model, config.model_kwargs),
+        augmentation=augmentation(config), tta=TTA_LEVELS[config.tta], amp=on(config.amp),
+        channels_last=on(config.channels_last), rows=rows, result=result, speed=speed, wall=wall,
+        naive_steps=steps, naive=naive, ratio=speed / naive,
+    )  # fmt: skip
+
+
 def main() -> None:
+    """Train the default preset once, time the naive loop after it, and write the section."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--naive-steps", type=int, default=60)
     args = parser.parse_args()
-
     # A fresh run directory each time: `nin train` never overwrites one that holds a run.
     out = str(new_run_dir("benchmark"))
     config = make_config("compact", data_dir=args.data_dir, epochs=args.epochs, out=out)
@@ -77,58 +95,7 @@ def main() -> None:
     result = train(config)
     wall = time.perf_counter() - wall
     naive = naive_epoch_speed(args.data_dir, config.batch_size, args.naive_steps)
-
-    device = result["device"]
-    history = result["history"]
-    rows = "\n".join(
-        f"| {r['epoch']} | {r['epoch_seconds']:.1f} | {r['examples_per_sec']:.0f} "
-        f"| {r['loss']:.3f} | {r['train_acc']:.4f} | {r['test_acc']:.4f} |"
-        for r in history
-    )
-    speed = result["examples_per_sec"]
-    text = f"""Written by `python benchmarks/cpu_default.py` (`make benchmark`); every measured
-figure in this section comes from one run of it on {date.today():%Y-%m-%d}.
-
-## CPU: the default preset (`nin train`), end to end
-
-- Machine: {machine()}; trained on `{device}`.
-- Settings: preset `compact` — `nin_compact` (324,874 parameters) on Fashion-MNIST at 28×28,
-  {config.epochs} epochs, batch {config.batch_size}, SGD nesterov momentum {config.momentum},
-  one-cycle lr {config.lr}, weight decay {config.weight_decay}, label smoothing
-  {config.label_smoothing}, dropout {dropout(config.model, config.model_kwargs)},
-  {augmentation(config)}, test-time augmentation: {TTA_LEVELS[config.tta]},
-  bfloat16 autocast {on(config.amp)}, channels-last {on(config.channels_last)}; all 60,000
-  training and 10,000 test images.
-- examples/sec is wall-clock time of the training passes *including* data preparation
-  (gather, convert, normalise, augment on the device); evaluation is timed separately.
-
-| epoch | seconds | examples/sec | loss | train acc | test acc |
-|---|---|---|---|---|---|
-{rows}
-
-**Result: test accuracy {result["test_acc"]:.4f} on the real test split
-({result["test_acc_no_tta"]:.4f} without test-time augmentation), {speed:.0f} examples/sec,
-{result["train_seconds"]:.0f} s of training, {wall:.0f} s wall time for `train()` as a
-whole (loading the data, training, evaluation after every epoch, saving; interpreter start-up
-not included).**
-
-## CPU: fast path vs a naive loop, same run
-
-The same network and data through a textbook loop (fp32, NCHW, `loss.item()` every step, no
-augmentation, plain momentum SGD), timed over {args.naive_steps} steps after 2 warm-up steps,
-just after the run above:
-
-| loop | examples/sec | ratio |
-|---|---|---|
-| naive fp32 NCHW | {naive:.0f} | 1.00 |
-| `nin train` (bf16, channels-last, metrics on the device) | {speed:.0f} | {speed / naive:.2f} |
-
-The `nin train` figure is averaged over all epochs, the first included, and counts its own data
-preparation; the naive one is timed after warm-up on steps only, so the ratio is, if anything,
-an under-estimate.
-
-"""
-    write_section(args.out, "cpu-default", text)
+    write_section(args.out, "cpu-default", render(config, result, wall, naive, args.naive_steps))
     print(f"wrote the cpu-default section of {args.out}")
 
 

@@ -15,13 +15,15 @@ import argparse
 import statistics
 import time
 from datetime import date
+from typing import Any
 
 import torch
-from report import machine, write_section
+from report import fill, machine, write_section
 from torch import nn
 
-from nin.data import DeviceLoader, Preprocess, dataset_spec, load_split
+from nin.data import Preprocess, dataset_spec, load_split
 from nin.device import place_model
+from nin.loaders import DeviceLoader
 from nin.models import create_model
 from nin.train import train_step
 
@@ -45,17 +47,19 @@ class StepTimer:
         data: dict[bool, list],
         channels_last: bool,
         amp: bool,
-        threads: int,
+        threads: int | None = None,
         fused: bool = False,
         compile: bool = False,
     ) -> None:
+        """Build the setting and take its warm-up steps (THREADS None: all of this machine's)."""
         torch.manual_seed(0)
         model = place_model(create_model("nin_compact"), torch.device("cpu"), channels_last)
         self.optimizer = torch.optim.SGD(
             model.parameters(), lr=0.05, momentum=0.9, fused=fused or None
         )
         self.model = torch.compile(model) if compile else model
-        self.data, self.amp, self.threads = data[channels_last], amp, threads
+        self.data, self.amp = data[channels_last], amp
+        self.threads = threads or torch.get_num_threads()
         self.loss_fn = nn.CrossEntropyLoss()
         self.times: list[float] = []
         self.run(3, timed=False)  # warm-up (and compilation), not timed
@@ -90,84 +94,66 @@ def eval_speed(data_dir: str | None, mode: str) -> float:
     return 1000 / statistics.median(times)
 
 
+DEFAULT = "+ channels-last + bfloat16 (the default)"
+# Each setting timed: label -> StepTimer's switches.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "fp32, NCHW (plain)": {"channels_last": False, "amp": False},
+    "+ channels-last": {"channels_last": True, "amp": False},
+    "+ bfloat16 autocast, NCHW": {"channels_last": False, "amp": True},
+    DEFAULT: {"channels_last": True, "amp": True},
+    "the default + fused SGD": {"channels_last": True, "amp": True, "fused": True},
+    "the default + torch.compile (compile time not counted)": {
+        "channels_last": True, "amp": True, "compile": True,
+    },
+    "the default on 1 thread": {"channels_last": True, "amp": True, "threads": 1},
+}  # fmt: skip
+# The settings a flag of `nin train` turns on, judged against the default.
+FLAGS = {
+    "the default + fused SGD": "`--fused`",
+    "the default + torch.compile (compile time not counted)": "`--compile`",
+}
+
+
+def verdict(speeds: dict[str, float]) -> str:
+    """Each flag's setting against the default: slower, within 5%, or faster."""
+    same = "within 5% (no measurable gain)"
+    kinds: dict[str, list[str]] = {"slower": [], same: [], "faster": []}
+    for label, flag in FLAGS.items():
+        ratio = speeds[label] / speeds[DEFAULT]
+        kinds["slower" if ratio < 0.95 else "faster" if ratio > 1.05 else same].append(flag)
+    said = "; ".join(f"{kind}: {' and '.join(flags)}" for kind, flags in kinds.items() if flags)
+    return fill("cpu_switches", "verdict", verdicts=said)
+
+
 def main() -> None:
+    """Time every setting, interleaved, and evaluation in both modes; write the section."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args()
-
     threads = torch.get_num_threads()
     data = {cl: batches(args.data_dir, 256, cl) for cl in (False, True)}
-    settings = {
-        "fp32, NCHW (plain)": StepTimer(data, False, False, threads),
-        "+ channels-last": StepTimer(data, True, False, threads),
-        "+ bfloat16 autocast, NCHW": StepTimer(data, False, True, threads),
-        "+ channels-last + bfloat16 (the default)": StepTimer(data, True, True, threads),
-        "the default + fused SGD": StepTimer(data, True, True, threads, fused=True),
-        "the default + torch.compile (compile time not counted)": StepTimer(
-            data, True, True, threads, compile=True
-        ),
-        "the default on 1 thread": StepTimer(data, True, True, 1),
-    }
+    settings = {label: StepTimer(data, **switches) for label, switches in SETTINGS.items()}
     # Rounds of a few steps each, settings interleaved, so a slow spell of this shared machine
     # hits every setting alike instead of whichever happened to be running.
     for _ in range(args.rounds):
         for timer in settings.values():
             timer.run(args.steps // args.rounds)
     speeds = {label: timer.speed() for label, timer in settings.items()}
-    timed = args.steps // args.rounds * args.rounds
     base = speeds["fp32, NCHW (plain)"]
     rows = [
         f"| {label} | {settings[label].threads} | {speed:.0f} | {speed / base:.2f} |"
         for label, speed in speeds.items()
     ]
     torch.set_num_threads(threads)
-    default = speeds["+ channels-last + bfloat16 (the default)"]
-    extras = {
-        "the default + fused SGD": "`--fused`",
-        "the default + torch.compile (compile time not counted)": "`--compile`",
-    }
-    verdicts = {"slower": [], "within 5% (no measurable gain)": [], "faster": []}
-    for label, flag in extras.items():
-        ratio = speeds[label] / default
-        kind = (
-            "slower"
-            if ratio < 0.95
-            else "faster"
-            if ratio > 1.05
-            else "within 5% (no measurable gain)"
-        )
-        verdicts[kind].append(flag)
-    verdict = (
-        "Against the default: "
-        + "; ".join(f"{kind}: {' and '.join(flags)}" for kind, flags in verdicts.items() if flags)
-        + (
-            ". What does not pay here stays off on the CPU; the flags turn it on (e.g. on a GPU). "
-            "Step timings on the 2-core machine measured here vary by about 10% from run to run."
-        )
-    )
     evals = {mode: eval_speed(args.data_dir, mode) for mode in ("no_grad", "inference_mode")}
-    text = f"""## CPU: what each switch buys
-
-Written by `python benchmarks/cpu_switches.py` on {date.today():%Y-%m-%d}; {machine()}.
-Training steps of `nin_compact` at batch 256 on real Fashion-MNIST batches (data prepared
-beforehand, so only the step is timed: forward, loss, backward, SGD momentum), median of
-{timed} steps after 3 warm-up steps, taken in {args.rounds} rounds with the settings
-interleaved; evaluation at batch 1000, median of 10 passes.
-
-| training step | threads | images/s | vs plain |
-|---|---|---|---|
-{chr(10).join(rows)}
-
-| evaluation (bf16, channels-last) | images/s |
-|---|---|
-| `torch.no_grad()` | {evals["no_grad"]:.0f} |
-| `torch.inference_mode()` (what `nin` uses) | {evals["inference_mode"]:.0f} |
-
-{verdict.strip()}
-"""
+    text = fill(
+        "cpu_switches", "section", date=f"{date.today():%Y-%m-%d}", machine=machine(),
+        timed=args.steps // args.rounds * args.rounds, rounds=args.rounds, rows="\n".join(rows),
+        verdict=verdict(speeds), **evals,
+    )  # fmt: skip
     write_section(args.out, "cpu-switches", text)
     print(f"wrote the cpu-switches section of {args.out}")
 

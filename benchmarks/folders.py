@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from report import machine, write_section
+from report import fill, listed, machine, write_section
 
 from nin.config import make_config
 from nin.data import dataset_spec, load_split
@@ -87,19 +87,13 @@ def main() -> None:
             for loader in speeds:
                 speeds[loader].append(throughput(root, loader, args.steps, args.batch_size))
     resident, stream = (statistics.median(v) for v in speeds.values())
-    trials = {k: ", ".join(f"{v:.0f}" for v in values) for k, values in speeds.items()}
-    section = f"""## Image folders: ingest and streaming (`benchmarks/folders.py`)
-
-- Machine: {machine()}; measured {time.strftime("%Y-%m-%d")}.
-- Folder: the first {args.images:,} CIFAR-10 test images as PNG files in 10 class folders.
-- Ingest: **{args.images / cold:,.0f} images/s** decoded on the first read ({cold:.1f} s: Pillow,
-  resize, cache write), **{args.images / cached:,.0f} images/s** from the cache ({cached:.2f} s,
-  median of 3).
-- Training `nin_fast` (batch {args.batch_size}, bfloat16, {args.steps} steps per trial, median of
-  {args.trials} interleaved trials): resident **{resident:,.0f} images/s**, streamed by a
-  DataLoader with 2 workers **{stream:,.0f} images/s** (streamed / resident =
-  **{stream / resident:.2f}×**). Trials: resident {trials["resident"]}; stream {trials["stream"]}.
-"""
+    section = fill(
+        "folders", "section", machine=machine(), date=time.strftime("%Y-%m-%d"), images=args.images,
+        cold=cold, cold_speed=args.images / cold, cached=cached, cached_speed=args.images / cached,
+        batch_size=args.batch_size, steps=args.steps, trials=args.trials, resident=resident,
+        stream=stream, ratio=stream / resident,
+        each={loader: listed(values, "{:.0f}") for loader, values in speeds.items()},
+    )  # fmt: skip
     write_section(args.out, "folders", section)
     print(section)
 
