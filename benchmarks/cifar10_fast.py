@@ -73,9 +73,7 @@ def stage_select(args: argparse.Namespace) -> None:
 
 def stage_final(args: argparse.Namespace) -> None:
     """The committed preset on the full training split, one run per seed."""
-    for seed in SEEDS:
-        if not args.only or str(seed) in args.only:
-            RECORDS.run(f"final-s{seed}", ["--seed", str(seed)], args.data_dir)
+    RECORDS.run_seeds("final", [], SEEDS, args)
 
 
 def stage_authors(args: argparse.Namespace) -> None:

@@ -97,16 +97,12 @@ def stage_select(args: argparse.Namespace) -> None:
 
 def stage_final(args: argparse.Namespace) -> None:
     """The chosen candidate on the full training split, one run per seed."""
-    for seed in SEEDS:
-        if not args.only or str(seed) in args.only:
-            RECORDS.run(f"final-s{seed}", [*chosen(), "--seed", str(seed)], args.data_dir)
+    RECORDS.run_seeds("final", chosen(), SEEDS, args)
 
 
 def stage_before(args: argparse.Namespace) -> None:
     """The recipe shipped before the search, on the full training split, same seeds."""
-    for seed in SEEDS:
-        if not args.only or str(seed) in args.only:
-            RECORDS.run(f"before-s{seed}", [*BEFORE, "--seed", str(seed)], args.data_dir)
+    RECORDS.run_seeds("before", BEFORE, SEEDS, args)
 
 
 STAGES = {"select": stage_select, "final": stage_final, "before": stage_before}
@@ -191,13 +187,12 @@ def against_before(finals: list[dict[str, Any]], before: list[dict[str, Any]]) -
 def preset_values() -> dict[str, Any]:
     """The default preset's settings as the page describes them."""
     preset = PRESETS["compact"].settings
-    tta = preset.get("tta", 0)
-    keys = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing")
-    return {key: preset[key] for key in keys} | {
+    return {
+        "preset": preset,
         "dropout": dropout(preset["model"], preset.get("model_kwargs", {})),
         "flips": "random flips, " if preset.get("flip") else "",
-        "tta": tta,
-        "tta_name": TTA_NAMES[tta],
+        "tta": preset.get("tta", 0),
+        "tta_name": TTA_NAMES[preset.get("tta", 0)],
     }
 
 

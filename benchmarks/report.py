@@ -64,16 +64,14 @@ def fill(name: str, section: str, **values: Any) -> str:
 def write_section(path: str | Path, name: str, markdown: str) -> None:
     """Put `markdown` between the markers of section `name` in `path`, atomically."""
     path = Path(path)
-    block = f"<!-- begin {name} -->\n{markdown.strip()}\n<!-- end {name} -->"
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(
-        rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->", re.S
-    )
-    text = (
-        pattern.sub(lambda _: block, text)
-        if pattern.search(text)
-        else f"{text.rstrip()}\n\n{block}\n"
-    )
+    before, _, rest = text.partition(begin)
+    if end in rest:
+        text = before + block + rest.partition(end)[2]
+    else:
+        text = f"{text.rstrip()}\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -282,6 +280,12 @@ class Records:
     def run(self, name: str, args: list[str], data_dir: str | None, **how: Any) -> dict[str, Any]:
         """`nin train --preset PRESET ARGS`, timed (`timed_run`) and saved here as NAME.json."""
         return timed_run(self.folder, name, self.preset, args, data_dir, **how)
+
+    def run_seeds(self, prefix: str, options: list[str], seeds: Iterable[int], args: Any) -> None:
+        """PREFIX-sN: OPTIONS --seed N, for each seed N (those in ARGS.only, if it names any)."""
+        for seed in seeds:
+            if not args.only or str(seed) in args.only:
+                self.run(f"{prefix}-s{seed}", [*options, "--seed", str(seed)], args.data_dir)
 
     def save(self, row: dict[str, Any]) -> None:
         """Write a run's record (again) as its NAME.json."""
