@@ -18,11 +18,11 @@ import torch
 from report import dropout, fill, machine, write_section
 from torch import nn
 
-from nin.checkpoint import new_run_dir
 from nin.config import make_config
 from nin.data import dataset_spec, load_split
 from nin.fast import TTA_LEVELS
 from nin.models import create_model
+from nin.rundir import new_run_dir
 from nin.train import train
 
 

@@ -9,6 +9,7 @@ import importlib
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,17 +171,25 @@ def test_a_failed_validation_run_stops_the_choice(mnist_results):
 
 
 @pytest.mark.parametrize(
-    ("script", "page"), [("cifar10_fast", "docs/results.md"), ("results", "docs/results.md")]
+    ("script", "page"),
+    [
+        ("cifar10_fast", "docs/results.md"),
+        ("results", "docs/results.md"),
+        ("fashion_mnist", "docs/recipe.md"),
+    ],
 )
 def test_the_committed_records_render_the_committed_pages(script, page, tmp_path, monkeypatch):
     """The report stage, on the records in results/, writes the pages as they are committed (its
-    prose from templates/, its figures from the records)."""
-    monkeypatch.chdir(REPO)
-    shutil.copy(page, tmp_path / "page.md")
-    shutil.copy("README.md", tmp_path / "README.md")
-    importlib.import_module(script).report(tmp_path / "page.md", readme=tmp_path / "README.md")
-    assert (tmp_path / "page.md").read_text() == (REPO / page).read_text()
-    assert (tmp_path / "README.md").read_text() == (REPO / "README.md").read_text()
+    prose from templates/, its figures from the records): here into copies of them."""
+    pages = (page, "README.md", "docs/training.md")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "results").symlink_to(REPO / "results")
+    for name in pages:
+        shutil.copy(REPO / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    importlib.import_module(script).report(Path(page))
+    for name in pages:
+        assert (tmp_path / name).read_text() == (REPO / name).read_text(), name
 
 
 def test_a_template_section_is_filled_and_a_missing_value_fails():
