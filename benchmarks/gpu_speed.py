@@ -18,6 +18,10 @@ training FLOPs per image (FlopCounterMode) × images/s ÷ the GPU's dense bfloat
     python benchmarks/gpu_speed.py [--data-dir DIR] [--epochs 10] [--collapse-seeds 10]
     python benchmarks/gpu_speed.py --smoke        # tiny sizes on any device; prints, writes nothing
     python benchmarks/gpu_speed.py --placeholder  # no GPU here: every GPU row "not measured"
+    python benchmarks/gpu_speed.py --render       # the section from the committed figures
+
+The GPU check (gpu_check.py) runs its speed step as `--check-speed JSON`: the reference, then
+`--preset d2l` as it is and with the fast path, one epoch each.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ import time
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from report import machine, write_section
+from report import fill, machine, write_section
 from torch import nn
 
 from nin.config import make_config
@@ -46,6 +51,8 @@ from nin.resources import training_flops
 from nin.train import train
 
 SAVED = Path("results/gpu-speed/summary.json")  # the figures, committed with the section
+# A run's figures as they come: the committed copy is replaced only by a whole run.
+RUNNING = Path("runs/gpu-speed/summary.json")
 
 # Dense bfloat16 tensor-core peaks, FLOP/s, from the vendors' data sheets.
 # Checked in this order: the first name found in the GPU's name wins.
@@ -56,15 +63,7 @@ PEAK_BF16 = {
     "H200": 989.4e12,
     "A100": 312e12,
 }
-COLUMNS = [
-    "pipeline",
-    "images/s (median epoch)",
-    "10 epochs",
-    "test acc",
-    "peak GPU memory",
-    "MFU",
-    "ours ÷ reference",
-]
+CELLS = 6  # a table row's cells after its label (templates/gpu_speed.md has the header)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -107,7 +106,7 @@ def reference(
     images, labels = images[:subset], labels[:subset]
     test_images, test_labels = test_images[:subset], test_labels[:subset]
 
-    def loader(x, y, shuffle):
+    def loader(x: torch.Tensor, y: torch.Tensor, shuffle: bool) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
             TextbookDataset(x, y), batch_size=128, shuffle=shuffle, num_workers=workers
         )
@@ -148,7 +147,7 @@ def reference(
     }
 
 
-def ours(preset: str, data_dir: str | None, device: torch.device, **overrides) -> dict:
+def ours(preset: str, data_dir: str | None, device: torch.device, **overrides: Any) -> dict:
     """`nin train` with a preset as it is, plus `overrides`; per-epoch times from its history.
 
     The collapse watch is off unless `overrides` turn it on: a speed row must finish.
@@ -175,7 +174,7 @@ def ours(preset: str, data_dir: str | None, device: torch.device, **overrides) -
 
 
 def collapses(
-    data_dir: str | None, device: torch.device, seeds: int, epochs: int, **kwargs
+    data_dir: str | None, device: torch.device, seeds: int, epochs: int, **kwargs: Any
 ) -> Iterator[bool]:
     """For each seed in turn, whether the chapter's run collapsed (caught by the collapse watch).
 
@@ -230,62 +229,64 @@ PIPELINES = {
     "compiled": "ours, chapter preset + `--amp --channels-last --compile --fused`",
     "fast": "ours, fast recipe (`--preset compact`)",
 }
+FAST_PATH = {"amp": True, "channels_last": True}
+# Our pipelines after the reference: key -> (what is printed as it starts, preset, options).
+OURS = {
+    "chapter": ("ours, chapter preset", "d2l", {}),
+    "bf16": ("ours, chapter preset, fast path", "d2l", FAST_PATH),
+    "compiled": (
+        "ours, chapter preset, fast path, compiled",
+        "d2l",
+        {"compile": True, "fused": True, **FAST_PATH},
+    ),
+    "fast": ("ours, fast recipe", "compact", {}),
+}
 
 
 def placeholder() -> str:
     """The GPU section when no GPU has run this script: every row says so."""
-    rows = [f"| {p} |" + " not measured |" * (len(COLUMNS) - 1) for p in PIPELINES.values()]
-    return f"""## GPU: the textbook pipeline vs ours, same GPU
-
-Written by `python benchmarks/gpu_speed.py --placeholder` on {date.today():%Y-%m-%d}: this
-longer benchmark (10 epochs a pipeline, `--compile --fused`, collapse over seeds) has not run on
-a GPU yet, so nothing in this section is measured. The GPU check's one-epoch figures are in
-[its section](#gpu-check-every-cuda-path-the-chapters-run-textbook-vs-ours-cifar-10) below. Run
-`python benchmarks/gpu_speed.py` on a CUDA machine to fill this one in.
-
-| {" | ".join(COLUMNS)} |
-|{"---|" * len(COLUMNS)}
-{chr(10).join(rows)}
-
-Collapse of the chapter's setting over seeds (the chapter's network vs no ReLU before global
-average pooling): not measured.
-"""
+    rows = [f"| {p} |" + " not measured |" * CELLS for p in PIPELINES.values()]
+    return fill("gpu_speed", "placeholder", date=f"{date.today():%Y-%m-%d}", rows="\n".join(rows))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--collapse-seeds", type=int, default=10)
-    parser.add_argument("--collapse-epochs", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--out", default="docs/benchmarks.md")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device, print only")
-    parser.add_argument("--placeholder", action="store_true", help="write a not-measured section")
-    parser.add_argument(
-        "--render",
-        nargs="?",
-        const=SAVED,
-        type=Path,
-        metavar="JSON",
-        help=f"rewrite the docs' section from saved figures (default {SAVED}; a run cut short "
-        "left its own in runs/gpu-speed/summary.json)",
+def render(figures: dict) -> str:
+    """The GPU section from the saved figures; what a cut-short run did not measure says so."""
+    runs, peak, flops = figures["runs"], figures["peak_flops"], figures["flops"]
+    base = speed(runs["reference"]) if "reference" in runs else None
+    rows = []
+    for key, label in PIPELINES.items():
+        if key not in runs:
+            rows.append(f"| {label} |" + " not measured (the run ended first) |" * CELLS)
+            continue
+        model_flops = flops["nin_compact" if key == "fast" else "nin_d2l"]
+        rows.append(row(label, runs[key], model_flops, peak, None if key == "reference" else base))
+    to_93 = runs.get("fast", {}).get("seconds_to_93")
+    reached = f"93% test accuracy after {to_93:.1f} s of training" if to_93 else "did not reach 93%"
+    seeds = figures["collapse_seeds"]
+    counts = {
+        key: f"{sum(c)} of {len(c)}" + (f" (of {seeds} planned)" if len(c) < seeds else "")
+        for key, c in figures["collapses"].items()
+    }
+    return fill(
+        "gpu_speed",
+        "measured",
+        **{k: figures[k] for k in ("date", "machine", "workers", "epochs", "collapse_epochs")},
+        smoke="**Smoke run (tiny subsets): not a measurement.**" if figures["smoke"] else "",
+        images=figures["images"] or "all 60,000",
+        d2l_flops=flops["nin_d2l"] / 1e9,
+        compact_flops=flops["nin_compact"] / 1e9,
+        peak=f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "an unknown peak",
+        rows="\n".join(rows),
+        reached=reached if "fast" in runs else "not measured",
+        chance=math.log(10),
+        seeds=seeds,
+        **counts,
     )
-    args = parser.parse_args()
-    if args.placeholder:
-        write_section(args.out, "gpu", placeholder())
-        print(f"wrote the gpu section of {args.out} (not measured)")
-        return
-    if args.render:
-        if not args.render.is_file():
-            raise SystemExit(f"{args.render} not found: run the benchmark on a GPU first")
-        write_section(args.out, "gpu", render(json.loads(args.render.read_text())))
-        print(f"wrote the gpu section of {args.out} from {args.render}")
-        return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.smoke:
-        raise SystemExit("no CUDA GPU here: use --smoke to check the script, --placeholder to "
-                         "write a not-measured section")  # fmt: skip
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> dict:
+    """Every pipeline, then the collapse counts; the figures saved to runs/ after each run, so
+    a run cut short keeps what it measured (`--render PATH` shows it)."""
     subset = 256 if args.smoke else None
     epochs = 2 if args.smoke else args.epochs
     small = {"train_subset": subset, "test_subset": subset} if subset else {}
@@ -306,27 +307,18 @@ def main() -> None:
         "runs": {},
         "collapses": {"chapter": [], "fixed": []},
     }
-    # Saved after every run, so a run cut short keeps what it measured (`--render PATH` shows
-    # it); the committed copy is replaced only by a whole run.
-    saved = Path("runs/gpu-speed/summary.json")
 
     def measured(key: str, run: dict) -> None:
         figures["runs"][key] = run
-        write_json(saved, figures)
+        write_json(RUNNING, figures)
         print(f"  {key}: {speed(run):,.0f} images/s, test acc {run['test_acc']:.4f}", flush=True)
 
-    fast_path = {"amp": True, "channels_last": True}
     print("reference pipeline ...", flush=True)
     measured("reference", reference(args.data_dir, device, epochs, subset, args.workers))
-    print("ours, chapter preset ...", flush=True)
-    measured("chapter", ours("d2l", args.data_dir, device, epochs=epochs, **small))
-    print("ours, chapter preset, fast path ...", flush=True)
-    measured("bf16", ours("d2l", args.data_dir, device, epochs=epochs, **fast_path, **small))
-    print("ours, chapter preset, fast path, compiled ...", flush=True)
-    compiled = dict(compile=True, fused=True, **fast_path, **small)
-    measured("compiled", ours("d2l", args.data_dir, device, epochs=epochs, **compiled))
-    print("ours, fast recipe ...", flush=True)
-    measured("fast", ours("compact", args.data_dir, device, **small))
+    for key, (what, preset, options) in OURS.items():
+        print(f"{what} ...", flush=True)
+        own = {} if preset == "compact" else {"epochs": epochs}  # compact runs its own 8
+        measured(key, ours(preset, args.data_dir, device, **own, **options, **small))
     print("collapse counts ...", flush=True)
     for key, kwargs in (("chapter", {}), ("fixed", {"model_kwargs": {"final_relu": False}})):
         for collapsed in collapses(
@@ -334,7 +326,96 @@ def main() -> None:
             **kwargs, **small,
         ):  # fmt: skip
             figures["collapses"][key].append(collapsed)
-            write_json(saved, figures)
+            write_json(RUNNING, figures)
+    return figures
+
+
+def check_speed(args: argparse.Namespace) -> None:
+    """The GPU check's speed step: the textbook pipeline, then `--preset d2l` as it is and with
+    the fast path, one epoch each, every one saved to ARGS.check_speed as it ends."""
+    import warnings
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    subset = 64 if args.smoke else None
+    figures: dict = {
+        "flops_per_image": training_flops(
+            create_model("nin_d2l"), model_info("nin_d2l").input_size
+        ),
+        "peak_flops": peak_flops(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "workers": args.workers,
+    }
+
+    def keep(name: str, run: dict, command: str) -> None:
+        first = run["epoch_seconds"][0]
+        figures[name] = {
+            "images": run["images"],
+            "seconds": first,
+            "images_per_sec": run["images"] / first,
+        }
+        figures[name] |= {k: run[k] for k in ("test_acc", "peak_memory")} | {"command": command}
+        write_json(args.check_speed, figures)
+        print(f"{name}: {figures[name]['images_per_sec']:,.1f} images/s", flush=True)
+
+    # The textbook pipeline's 4 workers are the point, however many cores there are.
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    ref = reference(args.data_dir, device, 1, subset, args.workers)
+    keep("reference", ref, "`python benchmarks/gpu_check.py --steps speed`")
+    small = {"train_subset": subset, "test_subset": subset, "batch_size": subset} if subset else {}
+    # The preset as it is (fp32): only the pipeline differs from the reference. Then the fast
+    # path on top, its own row, so precision never hides inside the pipeline's ratio.
+    for name, options, flags in (("ours", {}, ""), ("fast", FAST_PATH, " --amp --channels-last")):
+        run = ours("d2l", args.data_dir, device, epochs=1, **options, **small)
+        command = f"`nin train --preset d2l{flags} --epochs 1 --collapse-steps 0 --stuck-steps 0`"
+        keep(name, run, command)
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--collapse-seeds", type=int, default=10)
+    parser.add_argument("--collapse-epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device, print only")
+    parser.add_argument("--placeholder", action="store_true", help="write a not-measured section")
+    parser.add_argument(
+        "--render",
+        nargs="?",
+        const=SAVED,
+        type=Path,
+        metavar="JSON",
+        help=f"rewrite the docs' section from saved figures (default {SAVED}; a run cut short "
+        f"left its own in {RUNNING})",
+    )
+    parser.add_argument(
+        "--check-speed", type=Path, metavar="JSON", help="the GPU check's speed step, into JSON"
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Measure every pipeline and write the section; or write it from saved figures."""
+    args = parse_args()
+    if args.check_speed:
+        return check_speed(args)
+    if args.placeholder:
+        write_section(args.out, "gpu", placeholder())
+        print(f"wrote the gpu section of {args.out} (not measured)")
+        return
+    if args.render:
+        if not args.render.is_file():
+            raise SystemExit(f"{args.render} not found: run the benchmark on a GPU first")
+        write_section(args.out, "gpu", render(json.loads(args.render.read_text())))
+        print(f"wrote the gpu section of {args.out} from {args.render}")
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("no CUDA GPU here: use --smoke to check the script, --placeholder to "
+                         "write a not-measured section")  # fmt: skip
+    figures = measure(args, device)
     text = render(figures)
     if args.smoke:
         print(text)
@@ -342,56 +423,6 @@ def main() -> None:
         write_json(SAVED, figures)
         write_section(args.out, "gpu", text)
         print(f"wrote the gpu section of {args.out}; figures in {SAVED}")
-
-
-def render(figures: dict) -> str:
-    """The GPU section from the saved figures; what a cut-short run did not measure says so."""
-    runs, peak, flops = figures["runs"], figures["peak_flops"], figures["flops"]
-    base = speed(runs["reference"]) if "reference" in runs else None
-    rows = []
-    for key, label in PIPELINES.items():
-        if key in runs:
-            model_flops = flops["nin_compact" if key == "fast" else "nin_d2l"]
-            rows.append(
-                row(label, runs[key], model_flops, peak, None if key == "reference" else base)
-            )
-        else:
-            rows.append(
-                f"| {label} |" + " not measured (the run ended first) |" * (len(COLUMNS) - 1)
-            )
-    to_93 = runs.get("fast", {}).get("seconds_to_93")
-    reached = f"93% test accuracy after {to_93:.1f} s of training" if to_93 else "did not reach 93%"
-    peak_text = f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "an unknown peak"
-    epochs, seeds = figures["epochs"], figures["collapse_seeds"]
-    counts = {
-        key: f"{sum(c)} of {len(c)}" + (f" (of {seeds} planned)" if len(c) < seeds else "")
-        for key, c in figures["collapses"].items()
-    }
-    return f"""## GPU: the textbook pipeline vs ours, same GPU
-
-Written by `python benchmarks/gpu_speed.py` on {figures["date"]}; {figures["machine"]}; figures
-in `results/gpu-speed/summary.json`.
-{"**Smoke run (tiny subsets): not a measurement.**" if figures["smoke"] else ""}
-Fashion-MNIST, {figures["images"] or "all 60,000"} training images, {figures["workers"]}
-data-loader workers for the reference, {epochs} epochs for the
-first four rows (the compact preset runs its own 8); images/s is wall clock including data
-loading and preparation, the median of epochs 2 to {epochs}; "10 epochs" is the training time
-of the chapter's 10 epochs (measured when 10 ran, else the first epoch plus nine median ones).
-MFU: training FLOPs per image (FlopCounterMode: {flops["nin_d2l"] / 1e9:.2f} G for nin_d2l at
-224×224, {flops["nin_compact"] / 1e9:.3f} G for nin_compact) × images/s ÷ {peak_text}.
-
-| {" | ".join(COLUMNS)} |
-|{"---|" * len(COLUMNS)}
-{chr(10).join(rows)}
-
-Fast recipe: {reached if "fast" in runs else "not measured"}.
-
-Collapse to chance (loss near ln 10 = {math.log(10):.3f}) over {seeds} seeds
-({figures["collapse_epochs"]} epochs each, `--preset d2l` in fp32 as the chapter runs it, a run
-counted as collapsed when the collapse watch stops it: the same logits for every image for 100
-steps): the chapter's network {counts["chapter"]}; with no ReLU before global average pooling
-{counts["fixed"]}.
-"""
 
 
 if __name__ == "__main__":

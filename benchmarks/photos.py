@@ -9,6 +9,7 @@ the same operations the ONNX file holds). The section "photos" of docs/using.md 
 results/photos/summary.json are written from it.
 
     python benchmarks/photos.py [--data-dir DIR] [--count 2000] [--seed 0]
+    python benchmarks/photos.py --render   # the section again from results/photos/summary.json
 
 Takes under a minute on 2 CPU cores.
 """
@@ -16,15 +17,18 @@ Takes under a minute on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
 from PIL import Image
-from report import machine, write_section
+from report import fill, machine, write_section
 
-from nin import predict
+from nin import images, predict
 from nin.data import load_split
 from nin.export import WithPreprocessing
 from nin.files import save_figure, write_json
@@ -32,6 +36,7 @@ from nin.plots import figure
 from nin.pretrained import load_pretrained
 
 BACKGROUNDS = ("plain", "noisy", "textured")
+SAVED = Path("results/photos/summary.json")  # the figures behind the section
 
 
 def canvas(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -56,15 +61,11 @@ def canvas(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray
 
 
 def classify(pictures: list[np.ndarray], cut: bool) -> list[int]:
-    """`nin predict`'s classes for each picture, cutting to the object or not."""
+    """`nin predict`'s classes for each picture, cutting to the object or not (as before it cut)."""
     predictor = predict.load_predictor(bundled="fashion-mnist")
-    keep = predict.crop_to_object
-    if not cut:
-        predict.crop_to_object = lambda image, work=112, margin=0.04: image  # no cut, as before
-    try:
+    uncut = mock.patch.object(images, "crop_to_object", lambda image, **_: image)
+    with contextlib.nullcontext() if cut else uncut:
         return [predictor.predict(Image.fromarray(p), top_k=1).top[0][0] for p in pictures]
-    finally:
-        predict.crop_to_object = keep
 
 
 @torch.inference_mode()
@@ -89,6 +90,22 @@ def examples_figure(pictures: dict[str, list[np.ndarray]]) -> Any:
     return fig
 
 
+def accuracy(classes: list[int], truth: np.ndarray) -> float:
+    """The share of CLASSES equal to TRUTH."""
+    return float((np.array(classes) == truth).mean())
+
+
+def render(summary: dict[str, Any]) -> str:
+    """The section "photos" from the figures in results/photos/summary.json."""
+    rows = summary["accuracy"]
+    table = "\n".join(
+        f"| {way} | " + " | ".join(f"{100 * rows[k][way]:.1f}%" for k in BACKGROUNDS) + " |"
+        for way in rows[BACKGROUNDS[0]]
+    )
+    original = 100 * summary["original_28x28"]
+    return fill("photos", "section", **summary, original=original, table=table)
+
+
 def main() -> None:
     """Make the canvases, classify them three ways, write the section and the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -96,62 +113,32 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="docs/using.md")
+    parser.add_argument("--render", action="store_true", help=f"the section from {SAVED} only")
     args = parser.parse_args()
-    images, labels = load_split("fashion-mnist", "test", args.data_dir)
+    if args.render:
+        write_section(args.out, "photos", render(json.loads(SAVED.read_text())))
+        print(f"wrote {args.out} from {SAVED}")
+        return
+    test_images, labels = load_split("fashion-mnist", "test", args.data_dir)
     rng = np.random.default_rng(args.seed)
-    chosen = rng.choice(len(images), size=args.count, replace=False)
+    chosen = rng.choice(len(test_images), size=args.count, replace=False)
     truth = labels[chosen].numpy()
-    plain = [images[i, 0].numpy() for i in chosen]
+    plain = [test_images[i, 0].numpy() for i in chosen]
     rows, figures = {}, {}
     for kind in BACKGROUNDS:
-        pictures = [canvas(p, kind, rng) for p in plain]
-        figures[kind] = pictures
+        figures[kind] = pictures = [canvas(p, kind, rng) for p in plain]
         rows[kind] = {
-            "no cut (inverted only)": float((np.array(classify(pictures, False)) == truth).mean()),
-            "nin predict (cut to the object)": float(
-                (np.array(classify(pictures, True)) == truth).mean()
-            ),
-            "nin export --images (in the graph)": float(
-                (np.array(classify_graph(pictures)) == truth).mean()
-            ),
+            "no cut (inverted only)": accuracy(classify(pictures, False), truth),
+            "nin predict (cut to the object)": accuracy(classify(pictures, True), truth),
+            "nin export --images (in the graph)": accuracy(classify_graph(pictures), truth),
         }
         print(kind, rows[kind], flush=True)
-    original = float((np.array(classify(plain, True)) == truth).mean())
+    original = accuracy(classify(plain, True), truth)
     summary = {"count": args.count, "seed": args.seed, "machine": machine(), "accuracy": rows,
                "original_28x28": original}  # fmt: skip
-    write_json(Path("results/photos/summary.json"), summary)
+    write_json(SAVED, summary)
     save_figure(examples_figure(figures), Path(args.out).parent / "photos.png")
-    ways = list(rows[BACKGROUNDS[0]])
-    table = "\n".join(
-        f"| {way} | " + " | ".join(f"{100 * rows[k][way]:.1f}%" for k in BACKGROUNDS) + " |"
-        for way in ways
-    )
-    write_section(
-        args.out,
-        "photos",
-        f"""
-### Photos, measured
-
-`python benchmarks/photos.py --count {args.count} --seed {args.seed}` pastes
-{args.count:,} official test images (a fixed-seed sample), inverted to dark objects, at random
-positions and scales (35–80% of the shorter side) into light canvases of 64–224 pixels a side,
-plain, noisy or textured, and classifies each with the bundled model. The same images as they
-are (28×28, light on black): {100 * original:.1f}% right.
-
-| preprocessing | plain | noisy | textured |
-|---|---|---|---|
-{table}
-
-![canvases](photos.png)
-
-Without the cut the object is a small patch in a large frame, unlike any training image; cut to
-the object, it fills the frame as in Fashion-MNIST. The graph finds the cut at 4× the model's
-side and resamples it with a box filter, `nin predict` cuts the picture itself and resizes it with
-Pillow; the graph scores lower (the table), and both stay far below the 28×28 images: a pasted,
-darkened object on a busy canvas is still unlike the training images. Numbers from
-`results/photos/summary.json`.
-""",
-    )
+    write_section(args.out, "photos", render(summary))
     print(f"wrote {args.out}")
 
 

@@ -31,9 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import machine, write_section  # noqa: E402
+from report import fill, machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDARY = "nin-load-boundary"
@@ -250,40 +248,37 @@ def percentile(values: list[float], q: float) -> str:
 
 def render(result: LoadResult, settings: str, busy: str) -> str:
     """The markdown section."""
-    lines = [
-        "## nin serve under load: hostile clients",
-        "",
-        f"`{settings}` on {datetime.date.today().isoformat()}, against "
-        "`nin serve --model fashion-mnist` on 127.0.0.1 (default limits), started by the "
-        f"script; `src/nin/serve.py` holds the limits it exercises. {machine()}. {busy}",
-        "",
-        "| request (weight) | expected | count | statuses | p50 ms | p99 ms |",
-        "|---|---:|---:|---|---:|---:|",
-    ]
+    rows = []
     for kind in WEIGHTS:
         times = [o.seconds for o in result.outcomes if o.kind == kind]
         statuses = ", ".join(f"{s}×{n}" for s, n in sorted(result.statuses(kind).items()))
-        lines.append(
+        rows.append(
             f"| {kind} ({WEIGHTS[kind]}) | {EXPECTED[kind]} | {len(times)} | {statuses or '–'} | "
             f"{percentile(times, 50)} | {percentile(times, 99)} |"
         )
     quick = [o.seconds for o in result.outcomes if o.kind != "slow-sender"]
     errors = result.server_errors()
-    lines += [
-        f"| all but slow senders | | {len(quick)} | | {percentile(quick, 50)} | "
-        f"{percentile(quick, 99)} |",
-        "",
-        f"- {len(result.outcomes) / result.elapsed:.1f} requests/s answered: "
-        f"{len(result.outcomes)} in {result.elapsed:.1f} s ({result.duration:g} s of sending, "
-        f"then the last answers) with {result.clients} clients.",
-        f"- 5xx or no answer: {len(errors)} "
-        f"({', '.join(f'{o.kind} {o.status}' for o in errors[:5]) or 'goal: 0'}).",
-        f"- Server RSS: {result.rss_idle_mib:.0f} MiB idle before the run, peak "
-        f"{result.rss_peak_mib:.0f} MiB during it.",
-        "- A slow sender sends half its body, then waits for the answer; one still waiting "
-        "when the run ended is not counted.",
-    ]
-    return "\n".join(lines)
+    return fill(
+        "serve_load",
+        "section",
+        settings=settings,
+        date=datetime.date.today().isoformat(),
+        machine=machine(),
+        busy=busy,
+        rows="\n".join(rows),
+        quick=len(quick),
+        quick_p50=percentile(quick, 50),
+        quick_p99=percentile(quick, 99),
+        rate=len(result.outcomes) / result.elapsed,
+        answered=len(result.outcomes),
+        elapsed=result.elapsed,
+        duration=result.duration,
+        clients=result.clients,
+        errors=len(errors),
+        which=", ".join(f"{o.kind} {o.status}" for o in errors[:5]) or "goal: 0",
+        rss_idle=result.rss_idle_mib,
+        rss_peak=result.rss_peak_mib,
+    )
 
 
 def main() -> None:
@@ -300,12 +295,7 @@ def main() -> None:
     if not 0 < args.duration <= 600 or not 0 < args.clients <= 48:
         parser.error("--duration must be in (0, 600] and --clients in 1..48")
     load = os.getloadavg()[0]
-    busy = (
-        f"Measured while other work ran (load average {load:.1f} on {os.cpu_count()} cores "
-        "as it started)."
-        if load > 0.5
-        else f"The machine was otherwise idle (load average {load:.1f})."
-    )
+    busy = fill("serve_load", "busy" if load > 0.5 else "idle", load=load, cores=os.cpu_count())
     port = free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"nin-serve-load-{port}.log"
     server = start_server(port, log)
