@@ -180,15 +180,12 @@ def run_all(
 
 
 def holdout_runs(
-    names: tuple[str, ...],
-    seeds: Callable[[str], tuple[int, ...]],
-    named: Callable[[str, int], str],
+    pairs: list[tuple[str, int]], named: Callable[[str, int], str]
 ) -> list[tuple[str, list[str], dict[str, Any]]]:
-    """The validation runs of NAMES on their seeds not yet run: the test split unread."""
+    """The validation runs of these (CANDIDATE, SEED) not yet run: the test split unread."""
     return [
         (named(name, seed), [*CANDIDATES[name], "--holdout", str(HOLDOUT), "--seed", str(seed)], {})
-        for name in names
-        for seed in seeds(name)
+        for name, seed in pairs
         if RECORDS.load(named(name, seed)) is None
     ]
 
@@ -196,17 +193,21 @@ def holdout_runs(
 def stage_select(args: argparse.Namespace) -> None:
     """Each candidate's seeds not yet run on a 10,000-image holdout (the test split unread); the
     GPU round's own candidates run in select-gpu."""
-    names = tuple(name for name in CANDIDATES if name in ROUND3 or name not in GPU_ROUND)
-    seeds = lambda name: VAL_SEEDS if name in ROUND3 else VAL_SEEDS[:1]  # noqa: E731
-    run_all(holdout_runs(names, seeds, select_name), args.data_dir, args.jobs)
+    pairs = [
+        (name, seed)
+        for name in CANDIDATES
+        if name in ROUND3 or name not in GPU_ROUND
+        for seed in (VAL_SEEDS if name in ROUND3 else VAL_SEEDS[:1])
+    ]
+    run_all(holdout_runs(pairs, select_name), args.data_dir, args.jobs)
 
 
 def stage_select_gpu(args: argparse.Namespace) -> None:
     """The GPU round's candidates not yet run, on the holdout; only on a CUDA device."""
     if not torch.cuda.is_available():
         raise SystemExit("the select-gpu stage needs a CUDA GPU; on CPUs run --stages select")
-    runs = holdout_runs(GPU_ROUND, lambda name: GPU_SEEDS, gpu_select_name)
-    run_all(runs, args.data_dir, args.jobs)
+    pairs = [(name, seed) for name in GPU_ROUND for seed in GPU_SEEDS]
+    run_all(holdout_runs(pairs, gpu_select_name), args.data_dir, args.jobs)
 
 
 def retire(row: dict[str, Any], new: str) -> None:
