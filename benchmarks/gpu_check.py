@@ -144,6 +144,12 @@ def write_docs(summary: dict[str, Any], where: Path, readme: bool) -> None:
         write_readme_results(where.parent / "README.md")
 
 
+def report(page: Path) -> None:
+    """The sections "gpu-check" of PAGE's folder (docs/) and the README's row of the chapter's
+    setting, from the committed figures beside that folder (`--render`)."""
+    write_docs(json.loads((page.parent.parent / SAVED).read_text()), page.parent, True)
+
+
 def read_json(path: Path) -> Any:
     """A JSON file's value (written whole, atomically), or None if there is none."""
     return json.loads(path.read_text()) if path.is_file() else None
@@ -721,9 +727,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.render:
-        saved = Path(args.docs).parent / SAVED
-        write_docs(json.loads(saved.read_text()), Path(args.docs), True)
-        print(f"wrote the gpu-check sections of {args.docs}/ from {saved}")
+        report(Path(args.docs) / "results.md")
+        print(f"wrote the gpu-check sections of {args.docs}/ from {SAVED}")
         return 0
     return run_check(args)
 

@@ -106,6 +106,11 @@ def render(summary: dict[str, Any]) -> str:
     return fill("photos", "section", **summary, original=original, table=table)
 
 
+def report(page: Path) -> None:
+    """The section "photos" of PAGE from the committed figures (`--render`)."""
+    write_section(page, "photos", render(json.loads(SAVED.read_text())))
+
+
 def main() -> None:
     """Make the canvases, classify them three ways, write the section and the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -116,7 +121,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help=f"the section from {SAVED} only")
     args = parser.parse_args()
     if args.render:
-        write_section(args.out, "photos", render(json.loads(SAVED.read_text())))
+        report(Path(args.out))
         print(f"wrote {args.out} from {SAVED}")
         return
     test_images, labels = load_split("fashion-mnist", "test", args.data_dir)

@@ -111,15 +111,15 @@ def mnist_results(tmp_path, monkeypatch):
     monkeypatch.setattr(results.torch.cuda, "is_available", lambda: True)
     ran = []
 
-    def fake_run(saved, name, preset, args, data_dir, echo=True, extra=None):
+    def fake_run(records, name, args, data_dir, echo=True, extra=None):
         ran.append(name)
         if name == "final-s3":
             raise RuntimeError("out of memory")
         row = {"name": name, "result": {"test_acc": 0.997}, "run_dir": "", **(extra or {})}
-        report.write_json(saved / f"{name}.json", row)
+        records.save(row)
         return row
 
-    monkeypatch.setattr(report, "timed_run", fake_run)
+    monkeypatch.setattr(report.Records, "run", fake_run)
 
     def save(name, **fields):
         report.write_json(tmp_path / f"{name}.json", {"name": name, **fields})
@@ -176,6 +176,9 @@ def test_a_failed_validation_run_stops_the_choice(mnist_results):
         ("cifar10_fast", "docs/results.md"),
         ("results", "docs/results.md"),
         ("fashion_mnist", "docs/recipe.md"),
+        ("gpu_check", "docs/results.md"),
+        ("gpu_check", "docs/benchmarks.md"),
+        ("photos", "docs/using.md"),
     ],
 )
 def test_the_committed_records_render_the_committed_pages(script, page, tmp_path, monkeypatch):
@@ -217,3 +220,16 @@ def test_time_to_a_mark_counts_start_up_and_falls_back_on_the_final_result():
     assert report.time_to(row, 0.93) == 65.0  # the epoch's end, from the command's start
     assert report.time_to(row, 0.94) == 100.0  # only the final evaluation (with TTA) got there
     assert report.time_to(row, 0.96) is None
+
+
+def test_a_timed_run_is_recorded_with_its_start_up(data_dir, tmp_path):
+    records = report.Records(tmp_path, "compact")
+    options = ["--epochs", "1", "--train-subset", "256", "--test-subset", "128"]
+    row = records.run("tiny", options, str(data_dir), echo=False, extra={"jobs": 1})
+    assert row == records.load("tiny") and row["jobs"] == 1
+    assert row["command"] == "nin train --preset compact " + " ".join(options)  # no --data-dir
+    assert len(row["history"]) == 1 and 0 < row["result"]["test_acc"] <= 1
+    assert 0 < row["startup_seconds"] < row["wall_seconds"]
+    assert row["startup_seconds"] + row["history"][0]["elapsed_seconds"] <= row["wall_seconds"]
+    with pytest.raises(SystemExit, match="exists: delete it"):
+        records.run("tiny", options, str(data_dir))
