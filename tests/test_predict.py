@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from nin import predict
+from nin import images, predict
 from nin.checkpoint import save_checkpoint
 from nin.cli import main
-from nin.data import DeviceLoader, Preprocess, dataset_spec, load_split
+from nin.data import Preprocess, dataset_spec, load_split
 from nin.errors import NinError
+from nin.loaders import DeviceLoader
 from nin.models import create_model
 from nin.predict import Predictor, load_predictor
 from tests.conftest import checkpoint_config
@@ -52,7 +53,7 @@ def test_pipeline_matches_training(checkpoint: Path, tmp_path: Path) -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     path = write_png(tmp_path / "x.png", pixels)
     predictor = load_predictor(str(checkpoint))
-    uint8, inverted = predictor.to_uint8(predict.open_image(path), invert=False)
+    uint8, inverted = predictor.to_uint8(images.open_image(path), invert=False)
     assert not inverted
     assert torch.equal(uint8, torch.from_numpy(pixels)[None])
     spec = dataset_spec("fashion-mnist")
@@ -77,9 +78,9 @@ def test_any_image_becomes_model_input(checkpoint: Path, tmp_path: Path) -> None
     Image.fromarray(rng.integers(0, 256, (40, 90, 4), dtype=np.uint8), "RGBA").save(rgba)
     predictor = load_predictor(str(checkpoint))
     for path in (rgb, rgba):
-        uint8, _ = predictor.to_uint8(predict.open_image(path))
+        uint8, _ = predictor.to_uint8(images.open_image(path))
         assert uint8.shape == (1, 28, 28) and uint8.dtype == torch.uint8
-        result = predictor.predict(predict.open_image(path), top_k=5, source=str(path))
+        result = predictor.predict(images.open_image(path), top_k=5, source=str(path))
         probs = [p for _, _, p in result.top]
         assert len(result.top) == 5 and probs == sorted(probs, reverse=True)
         assert all(name in CLASSES for _, name, _ in result.top)
@@ -91,7 +92,7 @@ def test_light_background_is_inverted(checkpoint: Path, tmp_path: Path) -> None:
     array = np.full((28, 28), 255, dtype=np.uint8)
     array[8:20, 8:20] = 0
     predictor = load_predictor(str(checkpoint))
-    image = predict.open_image(write_png(tmp_path / "photo.png", array))
+    image = images.open_image(write_png(tmp_path / "photo.png", array))
     uint8, inverted = predictor.to_uint8(image)
     assert inverted and uint8[0, 14, 14] == 255 and uint8.float().mean() > 200
     assert not predictor.to_uint8(image, invert=False)[1]
@@ -131,7 +132,7 @@ def test_bad_files_one_line_each_rest_go_on(
     gif = bad / "anim.gif"
     Image.new("L", (28, 28)).save(gif)
     (tmp_path / "no-images").mkdir()
-    monkeypatch.setattr(predict, "MAX_PIXELS", 200 * 200)
+    monkeypatch.setattr(images, "MAX_PIXELS", 200 * 200)
     paths = [text, empty, truncated, big, gif, bad / "missing.png", tmp_path / "no-images", good]
     assert main(["predict", str(checkpoint), *map(str, paths)]) == 1
     captured = capsys.readouterr()
@@ -151,7 +152,7 @@ def test_special_files_are_refused_without_reading_them(tmp_path: Path) -> None:
     os.mkfifo(fifo)  # reading it would wait forever for a writer
     for path in (fifo, Path("/dev/zero")):
         with pytest.raises(NinError, match="not a regular file"):
-            predict.open_image(path)
+            images.open_image(path)
 
 
 def test_phone_jpegs_with_an_mpf_block_are_read(tmp_path: Path) -> None:
@@ -159,17 +160,17 @@ def test_phone_jpegs_with_an_mpf_block_are_read(tmp_path: Path) -> None:
     image = Image.new("RGB", (40, 30), "white")
     image.save(path, format="MPO", save_all=True, append_images=[Image.new("RGB", (40, 30))])
     assert Image.open(path).format == "MPO"
-    image = predict.open_image(path)
+    image = images.open_image(path)
     assert image.size == (40, 30)
 
 
 def test_byte_limit(tmp_path: Path, monkeypatch) -> None:
     path = write_png(tmp_path / "x.png", np.zeros((64, 64)))
-    monkeypatch.setattr(predict, "MAX_BYTES", 10)
+    monkeypatch.setattr(images, "MAX_BYTES", 10)
     with pytest.raises(NinError, match="MiB limit"):
-        predict.open_image(path)
+        images.open_image(path)
     with pytest.raises(NinError, match="MiB limit"):
-        predict.read_image(path.read_bytes())
+        images.read_image(path.read_bytes())
 
 
 def test_checkpoint_mismatch(tmp_path: Path, capsys) -> None:
@@ -257,15 +258,15 @@ def test_damaged_files_are_called_damaged() -> None:
     png = bytearray(encoded(Image.new("L", (20, 20), 128), "PNG"))
     png[29] ^= 0xFF  # a byte of the IHDR chunk's CRC
     with pytest.raises(NinError) as bad_crc:
-        predict.read_image(bytes(png), "x.png")
+        images.read_image(bytes(png), "x.png")
     assert str(bad_crc.value) == (
         "x.png: a damaged PNG file (broken PNG file (bad header checksum in b'IHDR'))"
     )
     jpeg = encoded(Image.new("RGB", (20, 20)), "JPEG")
     with pytest.raises(NinError, match=r"^x.jpg: a damaged JPEG file \(.+\)$"):
-        predict.read_image(jpeg[:20], "x.jpg")
+        images.read_image(jpeg[:20], "x.jpg")
     with pytest.raises(NinError, match=r"^x: not a PNG or JPEG image$"):
-        predict.read_image(b"GIF89a not really", "x")
+        images.read_image(b"GIF89a not really", "x")
 
 
 def test_pillow_warnings_never_reach_the_user() -> None:
@@ -276,7 +277,7 @@ def test_pillow_warnings_never_reach_the_user() -> None:
     data = encoded(Image.new("RGB", (20, 10)), "JPEG", exif=b"Exif\x00\x00" + tiff)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        image = predict.read_image(data, "phone.jpg")
+        image = images.read_image(data, "phone.jpg")
     assert [str(w.message) for w in seen] == []
     assert image.size == (10, 20)  # the orientation still applies
 
@@ -297,8 +298,8 @@ def test_big_images_are_decoded_small(checkpoint: Path) -> None:
         "PNG": encoded(Image.fromarray(rgba, "RGBA"), "PNG"),
     }
     for fmt, data in cases.items():
-        small = predict.read_image(data, fmt, shrink_to=side)
-        full = predict.read_image(data, fmt)
+        small = images.read_image(data, fmt, shrink_to=side)
+        full = images.read_image(data, fmt)
         assert full.size == (3000, 1500) and side <= max(small.size) < 2 * side
         a = predictor.to_uint8(small, invert=False)[0].int()
         b = predictor.to_uint8(full, invert=False)[0].int()
@@ -310,10 +311,10 @@ def test_pixel_limit_is_read_from_the_header() -> None:
     header = struct.pack(">IIBBBBB", 7000, 7000, 8, 6, 0, 0, 0)  # RGBA, 8 bits
     data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
     data += png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b"")
-    with pytest.raises(predict.TooLarge, match="7000×7000 pixels is over the 16,000,000-pixel"):
-        predict.read_image(data, "big.png", max_pixels=16_000_000)
+    with pytest.raises(images.TooLarge, match="7000×7000 pixels is over the 16,000,000-pixel"):
+        images.read_image(data, "big.png", max_pixels=16_000_000)
     with pytest.raises(NinError, match="cannot decode"):  # under 50 Mpx: decoding finds no data
-        predict.read_image(data, "big.png")
+        images.read_image(data, "big.png")
 
 
 class BreaksOnInk(nn.Module):
@@ -347,7 +348,7 @@ def test_non_finite_outputs_are_refused(checkpoint: Path, tmp_path: Path, capsys
     predictor = load_predictor(str(checkpoint))
     fragile = Predictor(BreaksOnInk(predictor.model), predictor.config)  # passes the blank check
     with pytest.raises(predict.NotFinite, match="NaN or infinite outputs for this image"):
-        fragile.predict(predict.open_image(image))
+        fragile.predict(images.open_image(image))
 
 
 def test_16_bit_and_palette_images_survive_shrinking(checkpoint: Path) -> None:
@@ -358,7 +359,7 @@ def test_16_bit_and_palette_images_survive_shrinking(checkpoint: Path) -> None:
     palette.info["transparency"] = 0
     for image in (grey16, palette, Image.new("1", (1200, 900), 1)):
         data = encoded(image, "PNG")
-        small = predict.read_image(data, image.mode, shrink_to=predictor.decode_side)
+        small = images.read_image(data, image.mode, shrink_to=predictor.decode_side)
         assert max(small.size) < 2 * predictor.decode_side
         assert predictor.to_uint8(small, invert=False)[0].shape == (1, 28, 28)
 
@@ -392,7 +393,7 @@ def test_damaged_bytes_give_an_image_or_one_line(seed: str, flips, cut: int) -> 
     data = bytes(data[: max(1, len(data) - cut % len(data))])
     predictor = fuzz_predictor()
     try:
-        image = predict.read_image(data, "fuzz", shrink_to=predictor.decode_side)
+        image = images.read_image(data, "fuzz", shrink_to=predictor.decode_side)
         predictor.to_uint8(image)
     except NinError as e:
         assert "\n" not in str(e) and str(e).startswith("fuzz: ")

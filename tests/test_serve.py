@@ -255,7 +255,7 @@ def test_hostile_requests_get_a_4xx_and_one_line(
 
 def test_an_upload_over_the_limit_is_read_no_further(server: Server) -> None:
     """A file 1 byte over 20 MiB in a body under the form's allowance: read, then 413."""
-    from nin.predict import MAX_BYTES
+    from nin.images import MAX_BYTES
 
     status, detail = exchange(server.port, post(multipart(bytes(MAX_BYTES + 1))), timeout=30)
     assert status == 413 and detail == "the image is over the 20 MiB limit; give a smaller one"

@@ -33,11 +33,14 @@ def model_for_input(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], lis
     from nin.models import create_model, model_info
     from nin.resources import summarize
 
-    info = model_info(args.model)
-    size = tuple(args.input_size) if args.input_size else info.input_size
-    if any(d < 1 for d in size):
-        raise NinError(f"--input-size must be three positive numbers C H W, got {size}")
-    model = create_model(args.model, num_classes=args.num_classes, in_channels=size[0])
+    try:  # the registry's own line: an unknown model, a bad number of classes
+        info = model_info(args.model)
+        size = tuple(args.input_size) if args.input_size else info.input_size
+        if any(d < 1 for d in size):
+            raise NinError(f"--input-size must be three positive numbers C H W, got {size}")
+        model = create_model(args.model, num_classes=args.num_classes, in_channels=size[0])
+    except ValueError as e:
+        raise NinError(str(e)) from None
     try:
         rows = summarize(model, size)
     except RuntimeError as e:
@@ -66,9 +69,8 @@ def cmd_resources(args: argparse.Namespace) -> None:
     device, _ = pick_device(args.device)
     model.to(device)
     for i, batch_size in enumerate(args.batch_size):
-        print(("\n" if i else "") + format_resources(
-            measure_resources(model, args.model, size, batch_size, args.optimizer, rows)
-        ))  # fmt: skip
+        found = measure_resources(model, args.model, size, batch_size, args.optimizer, rows)
+        print(("\n" if i else "") + format_resources(found))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -109,26 +111,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Reload a checkpoint and print its test accuracy, overall and per class."""
-    from nin.checkpoint import load_checkpoint
-    from nin.config import saved_config
-    from nin.device import pick_device, place_model
-    from nin.evaluate import evaluate
-    from nin.loaders import make_loader
-    from nin.models import check_input
+    from nin.report import evaluate_checkpoint
 
-    model, saved = load_checkpoint(args.checkpoint)
-    # The run's own settings, on this machine's device, with this command's data directory,
-    # subset and batch size on top.
-    config = saved_config({**saved, "device": None}, **config_options(vars(args)))
-    device, _ = pick_device(config.device)
-    test_loader = make_loader(config, "test", device)
-    place_model(model, device, config.channels_last)
-    check_input(model, test_loader.prepare(test_loader.images[:1]), config.model)
-    result = evaluate(model, test_loader, saved["num_classes"], config.amp, config.tta)
-    classes = test_loader.classes
-    where = f"{config.data or config.dataset} test split ({test_loader.num_examples} images)"
-    print(f"{config.model} on {where}" + (f"; {test_loader.note}" if test_loader.note else ""))
-    for name, acc in zip(classes, result.per_class, strict=True):
+    # This command's data directory, subset, batch size and device on the run's settings.
+    _, config, loader, result = evaluate_checkpoint(args.checkpoint, **config_options(vars(args)))
+    where = f"{config.data or config.dataset} test split ({loader.num_examples} images)"
+    print(f"{config.model} on {where}" + (f"; {loader.note}" if loader.note else ""))
+    for name, acc in zip(loader.classes, result.per_class, strict=True):
         print(f"  {name:<12} {acc:.3f}")
     print(f"test acc {result.accuracy:.4f}")
 
@@ -157,30 +146,24 @@ def cmd_exercises(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """Print the top classes of each image; a bad file gets one line on stderr, the rest go on."""
-    import json
-
     from nin.predict import format_prediction, load_predictor, predict_files
 
-    inputs = list(args.inputs)
+    checkpoint, inputs = None, args.inputs
     if args.model is None:
         if len(inputs) < 2:
             raise NinError("give a CHECKPOINT and at least one image (or --model fashion-mnist)")
-        checkpoint = inputs.pop(0)
-    else:
-        checkpoint = None
+        checkpoint, inputs = inputs[0], inputs[1:]
     if args.top_k < 1:
         raise NinError(f"--top-k must be at least 1, got {args.top_k}")
-    predictor = load_predictor(checkpoint, args.model)
-    results = predict_files(predictor, inputs, args.top_k, args.invert)
+    results = predict_files(load_predictor(checkpoint, args.model), inputs, args.top_k, args.invert)
     failed = [r for r in results if isinstance(r, NinError)]
     for error in failed:
         print(f"nin: error: {error}", file=sys.stderr)
-    done = [r for r in results if not isinstance(r, NinError)]
     if args.json:
         rows = [{"error": str(r)} if isinstance(r, NinError) else r.as_dict() for r in results]
         print(json.dumps(rows, indent=2))
     else:
-        print("\n".join(format_prediction(r) for r in done))
+        print("\n".join(format_prediction(r) for r in results if not isinstance(r, NinError)))
     if failed:
         raise NinError(f"{len(failed)} of {len(results)} inputs failed (see above)")
 
@@ -413,8 +396,61 @@ FORCE_HELP = (
 )
 
 
+def add_out_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    """--out (with its default) and --force, for a command that writes one file."""
+    parser.add_argument("--out", help=f"default: {default}")
+    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
+
+
 def add_shipping_commands(sub: Any) -> None:
     """predict, export, report, serve: using and shipping a trained model."""
+    add_predict_command(sub)
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (or torch.export), checked against PyTorch",
+        description="Write the model as ONNX (needs pip install 'nin[export]') or a "
+        "torch.export program, with a dynamic batch dimension; the input is the normalised "
+        "float image (the ONNX metadata says how), the output the logits. The file is run "
+        "again at batch 1 and 3 and compared with PyTorch.",
+    )
+    p.add_argument("checkpoint", help="a run directory or its model.safetensors")
+    p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
+    p.add_argument(
+        "--images",
+        action="store_true",
+        help="take uint8 pictures (batch, height, width, channels) of any size: padding, "
+        "resizing and normalisation inside the file, as `nin predict` does (no inversion)",
+    )
+    add_out_flags(p, "model.onnx or model.pt2 in the run directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page on a run: curves, confusion, mistakes, config",
+        description="Evaluate a run's checkpoint on the test split and write one HTML file "
+        "(images inline, no external resources): loss and accuracy curves, the confusion "
+        "matrix, per-class accuracy, the most confident mistakes, the config and environment.",
+    )
+    p.add_argument("run_dir", help="a run directory written by `nin train`")
+    add_out_flags(p, "RUN_DIR/report.html")
+    add_config_flags(p, "data_dir", "test_subset", "device")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "serve",
+        help="a local web page: upload or draw an image, see the top 5 classes",
+        description="Serve a page on this machine (needs pip install 'nin[serve]') where you "
+        "upload a PNG/JPEG or draw on a canvas and see the top 5 classes with probabilities.",
+    )
+    p.add_argument("checkpoint", nargs="?", help="a run directory written by `nin train`")
+    p.add_argument("--model", metavar="NAME", help="a bundled model (fashion-mnist) instead")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.set_defaults(func=cmd_serve)
+
+
+def add_predict_command(sub: Any) -> None:
+    """predict: the top classes of images."""
     p = sub.add_parser(
         "predict",
         help="top classes of PNG/JPEG images with a checkpoint or the bundled model",
@@ -441,51 +477,6 @@ def add_shipping_commands(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser(
-        "export",
-        help="export a checkpoint to ONNX (or torch.export), checked against PyTorch",
-        description="Write the model as ONNX (needs pip install 'nin[export]') or a "
-        "torch.export program, with a dynamic batch dimension; the input is the normalised "
-        "float image (the ONNX metadata says how), the output the logits. The file is run "
-        "again at batch 1 and 3 and compared with PyTorch.",
-    )
-    p.add_argument("checkpoint", help="a run directory or its model.safetensors")
-    p.add_argument("--format", choices=["onnx", "torch-export"], default="onnx")
-    p.add_argument(
-        "--images",
-        action="store_true",
-        help="take uint8 pictures (batch, height, width, channels) of any size: padding, "
-        "resizing and normalisation inside the file, as `nin predict` does (no inversion)",
-    )
-    p.add_argument("--out", help="default: model.onnx or model.pt2 in the run directory")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser(
-        "report",
-        help="one self-contained HTML page on a run: curves, confusion, mistakes, config",
-        description="Evaluate a run's checkpoint on the test split and write one HTML file "
-        "(images inline, no external resources): loss and accuracy curves, the confusion "
-        "matrix, per-class accuracy, the most confident mistakes, the config and environment.",
-    )
-    p.add_argument("run_dir", help="a run directory written by `nin train`")
-    p.add_argument("--out", help="default: RUN_DIR/report.html")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
-    add_config_flags(p, "data_dir", "test_subset", "device")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser(
-        "serve",
-        help="a local web page: upload or draw an image, see the top 5 classes",
-        description="Serve a page on this machine (needs pip install 'nin[serve]') where you "
-        "upload a PNG/JPEG or draw on a canvas and see the top 5 classes with probabilities.",
-    )
-    p.add_argument("checkpoint", nargs="?", help="a run directory written by `nin train`")
-    p.add_argument("--model", metavar="NAME", help="a bundled model (fashion-mnist) instead")
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    p.set_defaults(func=cmd_serve)
 
 
 class Terminated(KeyboardInterrupt):

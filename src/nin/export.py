@@ -40,7 +40,7 @@ class ExportResult:
     input_shape: tuple[int, ...]
     differences: dict[int, float]
     checked_with: str
-    images: bool = False  # the input is uint8 images of any size, preprocessed in the graph
+    images: bool  # the input is uint8 images of any size, preprocessed in the graph
 
 
 def input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
@@ -184,37 +184,37 @@ def export_model(
     if fmt not in FORMATS:
         raise NinError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     check_out_path(path, force)  # before the export's work, and again before the rename
+    if fmt == "onnx":
+        require_onnx()
     model = model.cpu().float().eval()
     shape = input_shape(config)
     if images:
         model = WithPreprocessing(model, config).eval()
     export = export_onnx if fmt == "onnx" else export_program
-    result = export(model, shape, path, config, lambda p: check_out_path(p, force))
-    result.images = images
-    return result
+    with atomic_path(path, lambda p: check_out_path(p, force)) as tmp, quiet():
+        try:
+            run, checked_with = export(model, shape, tmp, onnx_metadata(config, shape, model))
+            differences = compare(run, model, shape)
+        except OSError:
+            raise  # writing failed: atomic_path says so
+        except Exception as e:  # the exporters and onnxruntime raise many types: one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            what = "ONNX export" if fmt == "onnx" else "torch.export"
+            raise NinError(f"{what} of {config['model']!r} failed ({reason})") from None
+        worst = max(differences.values())
+        if not worst < MAX_DIFFERENCE:  # `not <` also catches NaN
+            raise NinError(
+                f"{path}: the exported model's outputs differ from PyTorch's by {worst:.3g}; "
+                "nothing was written; please report this with the checkpoint"
+            )
+    return ExportResult(path, fmt, shape, differences, checked_with, images)
 
 
-def check_differences(differences: dict[int, float], path: Path) -> None:
-    """Refuse an export whose outputs stray from PyTorch's (called before the file is kept)."""
-    worst = max(differences.values())
-    if not worst < MAX_DIFFERENCE:  # `not <` also catches NaN
-        raise NinError(
-            f"{path}: the exported model's outputs differ from PyTorch's by {worst:.3g}; "
-            "nothing was written; please report this with the checkpoint"
-        )
-
-
-def export_onnx(
-    model: nn.Module,
-    shape: tuple[int, ...],
-    path: Path,
-    config: dict[str, Any],
-    check: Callable[[Path], None] | None = None,
-) -> ExportResult:
-    """ONNX with a dynamic batch dimension, metadata on its input, checked in onnxruntime."""
+def require_onnx() -> None:
+    """Fail with what to install when ONNX export cannot run here."""
     try:
-        import onnx
-        import onnxruntime
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401 (the exporter of torch >= 2.5 needs it)
     except ImportError as e:
         raise NinError(
@@ -226,66 +226,62 @@ def export_onnx(
             f"--format onnx needs torch >= 2.5 (its dynamo exporter); this is torch "
             f"{torch.__version__}: upgrade torch, or use --format torch-export"
         )
-    with atomic_path(path, check) as tmp, quiet():
-        try:
-            torch.onnx.export(
-                model,
-                (model_inputs(model, shape, 2),),
-                str(tmp),
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_shapes=(input_dims(model),),
-                external_data=False,  # one self-contained file
-                dynamo=True,  # the default from torch 2.9; 2.5 to 2.8 need it said
-                verbose=False,
-            )
-            proto = onnx.load(str(tmp))
-            onnx.helper.set_model_props(proto, onnx_metadata(config, shape, model))
-            onnx.save(proto, str(tmp))
-            session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-            differences = {}
-            with torch.no_grad():
-                for n in CHECK_BATCHES:
-                    x = model_inputs(model, shape, n)
-                    (got,) = session.run(["logits"], {"images": x.numpy()})
-                    differences[n] = (torch.from_numpy(got) - model(x)).abs().max().item()
-        except Exception as e:  # the exporter and onnxruntime raise many types: one line
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise NinError(f"ONNX export of {config['model']!r} failed ({reason})") from None
-        check_differences(differences, path)
-    return ExportResult(path, "onnx", shape, differences, f"onnxruntime {onnxruntime.__version__}")
+
+
+@torch.no_grad()
+def compare(run: Callable, model: nn.Module, shape: tuple[int, ...]) -> dict[int, float]:
+    """The largest absolute difference of `run`'s outputs from `model`'s, per batch size."""
+    differences = {}
+    for n in CHECK_BATCHES:
+        x = model_inputs(model, shape, n)
+        differences[n] = (run(x) - model(x)).abs().max().item()
+    return differences
+
+
+def export_onnx(
+    model: nn.Module, shape: tuple[int, ...], tmp: Path, metadata: dict[str, str]
+) -> tuple[Callable, str]:
+    """ONNX with dynamic input dimensions and `metadata`, written to `tmp`; how to run it in
+    onnxruntime, and which version that is."""
+    import onnx
+    import onnxruntime
+
+    torch.onnx.export(
+        model,
+        (model_inputs(model, shape, 2),),
+        str(tmp),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=(input_dims(model),),
+        external_data=False,  # one self-contained file
+        dynamo=True,  # the default from torch 2.9; 2.5 to 2.8 need it said
+        verbose=False,
+    )
+    proto = onnx.load(str(tmp))
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, str(tmp))
+    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(["logits"], {"images": x.numpy()})[0])
+
+    return run, f"onnxruntime {onnxruntime.__version__}"
 
 
 def export_program(
-    model: nn.Module,
-    shape: tuple[int, ...],
-    path: Path,
-    config: dict[str, Any],
-    check: Callable[[Path], None] | None = None,
-) -> ExportResult:
-    """A torch.export program (.pt2) with a dynamic batch dimension, reloaded and checked."""
-    with atomic_path(path, check) as tmp, quiet():
-        try:
-            program = torch.export.export(
-                model, (model_inputs(model, shape, 2),), dynamic_shapes=(input_dims(model),)
-            )
-        except Exception as e:  # as above: many exception types, one line
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise NinError(f"torch.export of {config['model']!r} failed ({reason})") from None
-        # Through memory: torch.export.save wants a name ending in .pt2, the temporary has not.
-        buffer = io.BytesIO()
-        extra = {"nin.json": json.dumps(onnx_metadata(config, shape, model))}
-        torch.export.save(program, buffer, extra_files=extra)
-        tmp.write_bytes(buffer.getvalue())
-        buffer.seek(0)
-        loaded = torch.export.load(buffer).module()
-        differences = {}
-        with torch.no_grad():
-            for n in CHECK_BATCHES:
-                x = model_inputs(model, shape, n)
-                differences[n] = (loaded(x) - model(x)).abs().max().item()
-        check_differences(differences, path)
-    return ExportResult(path, "torch-export", shape, differences, f"torch {torch.__version__}")
+    model: nn.Module, shape: tuple[int, ...], tmp: Path, metadata: dict[str, str]
+) -> tuple[Callable, str]:
+    """A torch.export program (.pt2) with dynamic input dimensions and `metadata`, written to
+    `tmp`; the program reloaded, and the torch version."""
+    program = torch.export.export(
+        model, (model_inputs(model, shape, 2),), dynamic_shapes=(input_dims(model),)
+    )
+    # Through memory: torch.export.save wants a name ending in .pt2, the temporary has not.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={"nin.json": json.dumps(metadata)})
+    tmp.write_bytes(buffer.getvalue())
+    buffer.seek(0)
+    return torch.export.load(buffer).module(), f"torch {torch.__version__}"
 
 
 def onnx_metadata(

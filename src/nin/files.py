@@ -143,19 +143,6 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
         tmp.write_bytes(png)
 
 
-def image_png(pixels: Any, scale: int = 1) -> bytes:
-    """A uint8 (C, H, W) tensor as a PNG, enlarged `scale` times with sharp pixels."""
-    from PIL import Image
-
-    array = pixels.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    if scale != 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def data_uri(png: bytes) -> str:
     """PNG bytes as a data: URI, to inline in an <img>."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

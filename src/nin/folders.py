@@ -14,24 +14,22 @@ import functools
 import hashlib
 import json
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
 
 from nin.errors import NinError
 from nin.files import atomic_path
+from nin.images import colour_channels, open_image, quiet_pillow, to_pixels
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 SPLITS = ("train", "val", "test")
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 CACHE_VERSION = 1
 VAL_FRACTION = 0.1  # carved from train, per class, where there is no val/ folder
 
@@ -50,13 +48,11 @@ class FolderData:
     def split(self, name: str) -> torch.Tensor:
         """Indices of split `name`'s images: those under name/, or, without split folders,
         every image for "train"."""
-        prefix = f"{name}/"
-        split_folders = any(f.startswith(("train/", "val/")) for f in self.files)
-        if not split_folders:
-            chosen = range(len(self.files)) if name == "train" else []
+        if any(f.startswith(("train/", "val/")) for f in self.files):
+            chosen = [i for i, f in enumerate(self.files) if f.startswith(f"{name}/")]
         else:
-            chosen = [i for i, f in enumerate(self.files) if f.startswith(prefix)]
-        return torch.tensor(list(chosen), dtype=torch.long)
+            chosen = list(range(len(self.files))) if name == "train" else []
+        return torch.tensor(chosen, dtype=torch.long)
 
     @functools.cached_property
     def train_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -110,13 +106,11 @@ class CachedImages(torch.utils.data.Dataset):
             self._file = safe_open(str(self.path), framework="pt")
         images = self._file.get_slice("images")
         rows = self.rows[key]
-        if rows.ndim == 0:
-            return images[int(rows) : int(rows) + 1][0]
-        return (
-            torch.stack([images[r : r + 1][0] for r in rows.tolist()])
-            if len(rows)
-            else (torch.zeros((0, *self.image_shape), dtype=torch.uint8))
-        )
+        batch = [images[r : r + 1] for r in rows.reshape(-1).tolist()]
+        if not batch:
+            return torch.zeros((0, *self.image_shape), dtype=torch.uint8)
+        found = torch.cat(batch)
+        return found[0] if rows.ndim == 0 else found
 
     def subset(self, index: torch.Tensor | slice) -> CachedImages:
         """The images at `index`, still on disk."""
@@ -163,32 +157,10 @@ def find_images(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
 
 def decode(path: Path, channels: int, side: int) -> np.ndarray:
     """One image file as uint8 (channels, side, side); a bad file is a NinError naming why."""
-    from nin.predict import open_image, to_pixels
-
     if path.stat().st_size == 0:
         raise NinError("empty file")
-    with warnings.catch_warnings():  # Pillow's EXIF and palette notes are not the user's
-        warnings.simplefilter("ignore")
+    with quiet_pillow():  # Pillow's EXIF and palette notes are not the user's
         return to_pixels(open_image(path, FORMATS), channels, side)[0].transpose(2, 0, 1)
-
-
-def colour_channels(paths: list[Path]) -> int:
-    """3 if any image is in colour, 1 if every one is grey (read from the headers only)."""
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                grey_palette = image.mode == "P" and is_grey_palette(image)
-                if image.mode not in GREY_MODES and not grey_palette:
-                    return 3
-        except (OSError, SyntaxError, ValueError):
-            continue  # decoding will skip it and say why
-    return 1
-
-
-def is_grey_palette(image: Image.Image) -> bool:
-    """Whether a palette image's colours are all greys."""
-    palette = np.asarray(image.getpalette() or [], dtype=np.int64).reshape(-1, 3)
-    return bool((palette == palette[:, :1]).all())
 
 
 def cache_key(root: Path, found: list[tuple[str, int]], channels: int, side: int) -> str:

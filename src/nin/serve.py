@@ -13,7 +13,7 @@ Whoever connects, the server's memory and time stay bounded:
   before FastAPI's form parser sees a byte;
 - at most MAX_CONNECTIONS connections are served (uvicorn answers 503 beyond), and at most
   DECODE_SLOTS images are decoded at once, each at most MAX_PIXELS and shrunk while decoding
-  (`predict.read_image`); a request that waits QUEUE_TIMEOUT for a slot gets 503.
+  (`images.read_image`); a request that waits QUEUE_TIMEOUT for a slot gets 503.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
@@ -31,10 +31,10 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
-from nin import predict
 from nin.errors import NinError
-from nin.files import data_uri, image_png
-from nin.predict import NotFinite, Predictor, TooLarge
+from nin.files import data_uri
+from nin.images import MAX_BYTES, TooLarge, image_png, read_image
+from nin.predict import NotFinite, Predictor
 
 TOP_K = 5
 EXTRA_FORM_BYTES = 64 * 1024  # multipart headers and boundaries around the file itself
@@ -49,6 +49,9 @@ MAX_CONNECTIONS = 64  # uvicorn's limit_concurrency: connections and requests, 5
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers (h11's limit)
 KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
 MAX_NAME = 100  # characters of an upload's file name echoed back
+MAX_BODY = MAX_BYTES + EXTRA_FORM_BYTES  # the most a request body may hold
+TOO_LARGE = f"the image is over the {MAX_BYTES // 2**20} MiB limit; give a smaller one"
+STATUS = {TooLarge: 413, NotFinite: 422}  # an upload's NinError by kind; any other is a 400
 
 Send = Callable[[dict], Awaitable[None]]
 
@@ -64,16 +67,6 @@ def require_serve_packages() -> None:
             f"nin serve needs fastapi, uvicorn and python-multipart ({e.name} is missing): "
             "pip install 'nin[serve]'"
         ) from None
-
-
-def max_body() -> int:
-    """The most bytes a request body may hold: the image limit plus the form around it."""
-    return predict.MAX_BYTES + EXTRA_FORM_BYTES
-
-
-def too_large_message() -> str:
-    """What a client is told when its upload is over the limit."""
-    return f"the image is over the {predict.MAX_BYTES // 2**20} MiB limit; give a smaller one"
 
 
 async def reply(send: Send, status: int, message: str, close: bool = False) -> None:
@@ -99,8 +92,8 @@ def framing_refusal(method: str, headers: list[tuple[bytes, bytes]]) -> tuple[in
     if chunked or (method == "POST" and not lengths):
         # A body of no declared size would be read before its size is known: refused.
         return 411, "send the upload with a Content-Length (as browsers do)"
-    if any(not v.strip().isdigit() or int(v) > max_body() for v in lengths):
-        return 413, too_large_message()
+    if any(not v.strip().isdigit() or int(v) > MAX_BODY for v in lengths):
+        return 413, TOO_LARGE
     return None
 
 
@@ -144,8 +137,8 @@ class RequestGuard:
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
                 state["body_done"] = not message.get("more_body", False)
-                if state["received"] > max_body():  # h11 keeps to Content-Length; in case
-                    return await refuse(413, too_large_message())
+                if state["received"] > MAX_BODY:  # h11 keeps to Content-Length; in case
+                    return await refuse(413, TOO_LARGE)
             return message
 
         async def guarded_send(message: dict) -> None:
@@ -170,11 +163,8 @@ def clean_name(filename: str | None) -> str:
 def create_app(predictor: Predictor, name: str) -> Any:
     """The FastAPI app: GET / is the page, POST /predict classifies one uploaded image."""
     require_serve_packages()
-    import anyio
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.datastructures import UploadFile  # what request.form() gives
-    from starlette.requests import ClientDisconnect
 
     # Warnings filters are global and the decode threads would race over catch_warnings:
     # in a server, Pillow's notes (odd EXIF, big images) are never shown.
@@ -185,60 +175,61 @@ def create_app(predictor: Predictor, name: str) -> Any:
     app.add_middleware(RequestGuard)
     slots = asyncio.Semaphore(DECODE_SLOTS)
 
-    def error(status: int, message: str) -> JSONResponse:
-        """The JSON every refusal has: {"detail": one line}."""
-        return JSONResponse({"detail": message}, status_code=status)
-
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         """The demo page."""
         return render_page(predictor, name)
 
-    def classify_bytes(data: bytes, label: str) -> dict[str, Any]:
-        """Decode, check and classify one upload (in a worker thread)."""
-        image = predict.read_image(
-            data, label, max_pixels=MAX_PIXELS, shrink_to=predictor.decode_side
-        )
-        pixels, inverted = predictor.to_uint8(image)
-        probs = predictor.probabilities(pixels[None])[0]
-        result = predictor.top(probs, TOP_K, label, inverted)
-        return {**result.as_dict(), "input_png": data_uri(image_png(pixels))}
-
     @app.post("/predict")
     async def classify(request: Request) -> JSONResponse:
         """Top 5 classes of one uploaded image, or a 4xx/503 with a readable message."""
-        try:
-            # One file and a few fields: the parser spools the file (1 MiB in memory at most).
-            async with request.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
-                upload = form.get("file")
-                if not isinstance(upload, UploadFile):
-                    return error(400, "send one image as the form field 'file'")
-                label = clean_name(upload.filename)
-                try:
-                    await asyncio.wait_for(slots.acquire(), QUEUE_TIMEOUT)
-                except asyncio.TimeoutError:
-                    return error(503, "the server is busy with other images; try again")
-                try:
-                    data = await upload.read(predict.MAX_BYTES + 1)
-                    if len(data) > predict.MAX_BYTES:
-                        return error(413, too_large_message())
-                    # The model and Pillow run in a thread, so they never block the loop.
-                    result = await anyio.to_thread.run_sync(classify_bytes, data, label)
-                finally:
-                    slots.release()
-        except ClientDisconnect:  # the guard cut the body, or the client left
-            return error(400, "the upload was cut short")
-        except TooLarge as e:
-            return error(413, str(e))
-        except NotFinite as e:
-            return error(422, str(e))
-        except NinError as e:
-            return error(400, str(e))
-        except MemoryError:
-            return error(503, "the server ran out of memory for this image; try a smaller one")
-        return JSONResponse(result)
+        status, body = await answer(request, predictor, slots)
+        return JSONResponse(body, status_code=status)
 
     return app
+
+
+async def answer(
+    request: Any, predictor: Predictor, slots: asyncio.Semaphore
+) -> tuple[int, dict[str, Any]]:
+    """The status and JSON of one POST /predict: the top classes, or {"detail": why not}."""
+    import anyio
+    from starlette.datastructures import UploadFile  # what request.form() gives
+    from starlette.requests import ClientDisconnect
+
+    try:
+        # One file and a few fields: the parser spools the file (1 MiB in memory at most).
+        async with request.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                return 400, {"detail": "send one image as the form field 'file'"}
+            label = clean_name(upload.filename)
+            try:
+                await asyncio.wait_for(slots.acquire(), QUEUE_TIMEOUT)
+            except asyncio.TimeoutError:
+                return 503, {"detail": "the server is busy with other images; try again"}
+            try:
+                data = await upload.read(MAX_BYTES + 1)
+                if len(data) > MAX_BYTES:
+                    return 413, {"detail": TOO_LARGE}
+                # The model and Pillow run in a thread, so they never block the loop.
+                return 200, await anyio.to_thread.run_sync(classify_upload, predictor, data, label)
+            finally:
+                slots.release()
+    except ClientDisconnect:  # the guard cut the body, or the client left
+        return 400, {"detail": "the upload was cut short"}
+    except NinError as e:
+        return STATUS.get(type(e), 400), {"detail": str(e)}
+    except MemoryError:
+        return 503, {"detail": "the server ran out of memory for this image; try a smaller one"}
+
+
+def classify_upload(predictor: Predictor, data: bytes, label: str) -> dict[str, Any]:
+    """Decode, check and classify one upload (in a worker thread), with the model's input."""
+    image = read_image(data, label, max_pixels=MAX_PIXELS, shrink_to=predictor.decode_side)
+    pixels, inverted = predictor.to_uint8(image)
+    result = predictor.top(predictor.probabilities(pixels[None])[0], TOP_K, label, inverted)
+    return {**result.as_dict(), "input_png": data_uri(image_png(pixels))}
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -259,19 +250,15 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise NinError(f"port {port} is in use on {host}; pick another --port") from None
-        if e.errno == errno.EACCES:
-            raise NinError(
-                f"cannot listen on port {port} (permission denied: ports below 1024 need "
-                "privileges); pick another --port"
-            ) from None
-        if e.errno == errno.EADDRNOTAVAIL:
-            raise NinError(
-                f"--host {host} is not an address of this machine; use 127.0.0.1, ::1, "
-                "0.0.0.0 (every IPv4 address) or :: (every address)"
-            ) from None
-        raise NinError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+        reasons = {
+            errno.EADDRINUSE: f"port {port} is in use on {host}; pick another --port",
+            errno.EACCES: f"cannot listen on port {port} (permission denied: ports below 1024 "
+            "need privileges); pick another --port",
+            errno.EADDRNOTAVAIL: f"--host {host} is not an address of this machine; use "
+            "127.0.0.1, ::1, 0.0.0.0 (every IPv4 address) or :: (every address)",
+        }
+        reason = reasons.get(e.errno, f"cannot listen on {host}:{port} ({e.strerror or e})")
+        raise NinError(reason) from None
     sock.set_inheritable(True)
     return sock
 
@@ -285,68 +272,70 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if literal else f"http://{host}:{port}/"
 
 
+class HeadDeadline:
+    """For uvicorn's h11 protocol: closes a connection whose request head does not arrive
+    within HEAD_TIMEOUT, answering 408 (mixed in by `head_timeout_protocol`)."""
+
+    head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the clock for the first head."""
+        super().connection_made(transport)  # type: ignore[misc]
+        self.arm()
+
+    def data_received(self, data: bytes) -> None:
+        """Stop the clock once a head is complete (a request is running)."""
+        super().data_received(data)  # type: ignore[misc]
+        if self.in_request():
+            self.disarm()
+
+    def on_response_complete(self) -> None:
+        """Start the clock for the next head, unless a pipelined one already came."""
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing() and not self.in_request():
+            self.arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """No clock for a closed connection."""
+        self.disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def in_request(self) -> bool:
+        """Whether a request's head has come and its response has not ended."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def arm(self) -> None:
+        """Start (or restart) the clock for a head."""
+        self.disarm()
+        self.head_timer = self.loop.call_later(HEAD_TIMEOUT, self.head_timed_out)
+
+    def disarm(self) -> None:
+        """Stop the clock."""
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timed_out(self) -> None:
+        """Answer 408 and close, unless a request got going meanwhile."""
+        self.head_timer = None
+        if self.transport.is_closing() or self.in_request():
+            return
+        # Written by hand: h11 cannot send a response to a request it has not parsed.
+        body = json.dumps(
+            {"detail": f"the request head took over {HEAD_TIMEOUT:g} s; send it again"}
+        ).encode()
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+
+
 def head_timeout_protocol() -> type:
     """uvicorn's h11 protocol with a deadline on each request head, answered with a 408."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeadTimeoutProtocol(H11Protocol):
-        """Closes a connection whose request head does not arrive within HEAD_TIMEOUT."""
-
-        head_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            """Start the clock for the first head."""
-            super().connection_made(transport)  # type: ignore[arg-type]
-            self.arm()
-
-        def data_received(self, data: bytes) -> None:
-            """Stop the clock once a head is complete (a request is running)."""
-            super().data_received(data)
-            if self.in_request():
-                self.disarm()
-
-        def on_response_complete(self) -> None:
-            """Start the clock for the next head, unless a pipelined one already came."""
-            super().on_response_complete()
-            if not self.transport.is_closing() and not self.in_request():
-                self.arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            """No clock for a closed connection."""
-            self.disarm()
-            super().connection_lost(exc)
-
-        def in_request(self) -> bool:
-            """Whether a request's head has come and its response has not ended."""
-            return self.cycle is not None and not self.cycle.response_complete
-
-        def arm(self) -> None:
-            """Start (or restart) the clock for a head."""
-            self.disarm()
-            self.head_timer = self.loop.call_later(HEAD_TIMEOUT, self.head_timed_out)
-
-        def disarm(self) -> None:
-            """Stop the clock."""
-            if self.head_timer is not None:
-                self.head_timer.cancel()
-                self.head_timer = None
-
-        def head_timed_out(self) -> None:
-            """Answer 408 and close, unless a request got going meanwhile."""
-            self.head_timer = None
-            if self.transport.is_closing() or self.in_request():
-                return
-            # Written by hand: h11 cannot send a response to a request it has not parsed.
-            body = json.dumps(
-                {"detail": f"the request head took over {HEAD_TIMEOUT:g} s; send it again"}
-            ).encode()
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-            )
-            self.transport.close()
-
-    return HeadTimeoutProtocol
+    return type("HeadTimeoutProtocol", (HeadDeadline, H11Protocol), {})
 
 
 def serve(predictor: Predictor, name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -385,6 +374,6 @@ def render_page(predictor: Predictor, name: str) -> str:
     )
     page = (resources.files("nin") / "templates" / "serve.html").read_text(encoding="utf-8")
     page = page.replace("{{NAME}}", html.escape(name)).replace("{{ABOUT}}", html.escape(about))
-    page = page.replace("{{MAX_BYTES}}", str(predict.MAX_BYTES))
-    page = page.replace("{{MAX_MIB}}", str(predict.MAX_BYTES // 2**20))
+    page = page.replace("{{MAX_BYTES}}", str(MAX_BYTES))
+    page = page.replace("{{MAX_MIB}}", str(MAX_BYTES // 2**20))
     return page.replace("{{NOTE}}", html.escape(note))
