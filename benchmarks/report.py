@@ -38,6 +38,8 @@ from nin.models import model_info
 TEMPLATES = Path(__file__).with_name("templates")
 SECTION = re.compile(r"^<!-- (\w+) -->\n", re.MULTILINE)
 POLL = 0.5  # seconds between looks at a running child (its metrics, its deadline)
+# What a record keeps of its run's config.json.
+FROM_CONFIG = ("model", "model_kwargs", "epochs", "parameters", "result")
 # The marks a CIFAR-10 run is timed to: the paper's best accuracy (with augmentation), 93%, 94%.
 TARGETS = (0.9119, 0.93, 0.94)
 
@@ -205,45 +207,6 @@ def run_train(
     return run
 
 
-def timed_run(
-    saved: Path,
-    name: str,
-    preset: str,
-    args: list[str],
-    data_dir: str | None,
-    echo: bool = True,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """`nin train --preset PRESET ARGS` (`run_train`), its record saved as SAVED/NAME.json.
-    Its output is shown as it comes, or (echo False: runs side by side) its last line at the end;
-    EXTRA adds fields to the record (what it was run as)."""
-    out = saved / "runs" / name
-    if out.exists():
-        raise SystemExit(f"{out} exists: delete it to run {name} again")
-    data = ["--data-dir", data_dir] if data_dir else []
-    command = ["nin", "train", "--preset", preset, *args]
-    run = run_train([*command[2:], *data], out, echo="" if echo else None)
-    log, wall, config = run["log"], run["wall_seconds"], run["config"]
-    if not echo:
-        print(f"{name}: {log[-1] if log else 'no output'} ({wall:.0f} s)", flush=True)
-    if run["code"]:  # a run that stopped (diverged, collapsed) is a result too: say why
-        config["result"] = {"error": log[-1] if log else "no output", "wall_seconds": wall}
-    row = {
-        "name": name,
-        "command": shlex.join(command),
-        "machine": machine(),
-        "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "run_dir": str(out),
-        "wall_seconds": wall,
-        "startup_seconds": wall - config["result"]["wall_seconds"],
-        **{key: config[key] for key in ("model", "model_kwargs", "epochs", "parameters", "result")},
-        "history": run["history"],
-        "log": log,
-    } | (extra or {})
-    write_json(saved / f"{name}.json", row)
-    return row
-
-
 def time_to(row: dict[str, Any], target: float) -> float | None:
     """Seconds from the command's start to the end of the first epoch whose test accuracy (no
     test-time augmentation) reached `target`, else to the end of the run if its final
@@ -260,7 +223,8 @@ def time_to(row: dict[str, Any], target: float) -> float | None:
 
 @dataclass(frozen=True)
 class Records:
-    """A script's committed runs, one JSON file each in `folder` (by `timed_run`), on `preset`."""
+    """A script's committed runs of `nin train --preset PRESET`, one JSON file each in `folder`
+    (its runs' own folders in `folder`/runs)."""
 
     folder: Path
     preset: str = "compact"
@@ -277,9 +241,42 @@ class Records:
             runs.append(row)
         return runs
 
-    def run(self, name: str, args: list[str], data_dir: str | None, **how: Any) -> dict[str, Any]:
-        """`nin train --preset PRESET ARGS`, timed (`timed_run`) and saved here as NAME.json."""
-        return timed_run(self.folder, name, self.preset, args, data_dir, **how)
+    def run(
+        self,
+        name: str,
+        args: list[str],
+        data_dir: str | None,
+        echo: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """`nin train --preset PRESET ARGS` (`run_train`), its record saved here as NAME.json.
+        Its output is shown as it comes, or (echo False: runs side by side) its last line at the
+        end; EXTRA adds fields to the record (what it was run as)."""
+        out = self.folder / "runs" / name
+        if out.exists():
+            raise SystemExit(f"{out} exists: delete it to run {name} again")
+        data = ["--data-dir", data_dir] if data_dir else []
+        command = ["nin", "train", "--preset", self.preset, *args]
+        run = run_train([*command[2:], *data], out, echo="" if echo else None)
+        log, wall, config = run["log"], run["wall_seconds"], run["config"]
+        if not echo:
+            print(f"{name}: {log[-1] if log else 'no output'} ({wall:.0f} s)", flush=True)
+        if run["code"]:  # a run that stopped (diverged, collapsed) is a result too: say why
+            config["result"] = {"error": log[-1] if log else "no output", "wall_seconds": wall}
+        row = {
+            "name": name,
+            "command": shlex.join(command),
+            "machine": machine(),
+            "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "run_dir": str(out),
+            "wall_seconds": wall,
+            "startup_seconds": wall - config["result"]["wall_seconds"],
+            **{key: config[key] for key in FROM_CONFIG},
+            "history": run["history"],
+            "log": log,
+        } | (extra or {})
+        self.save(row)
+        return row
 
     def run_seeds(self, prefix: str, options: list[str], seeds: Iterable[int], args: Any) -> None:
         """PREFIX-sN: OPTIONS --seed N, for each seed N (those in ARGS.only, if it names any)."""
