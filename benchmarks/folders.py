@@ -95,7 +95,7 @@ def main() -> None:
         each={loader: listed(values, "{:.0f}") for loader, values in speeds.items()},
     )  # fmt: skip
     write_section(args.out, "folders", section)
-    print(section)
+    print(section, end="\n\n")
 
 
 if __name__ == "__main__":
