@@ -16,7 +16,6 @@ from nin.config import make_config
 from nin.data import (
     CIFAR_RECORD,
     DATASETS,
-    DeviceLoader,
     Preprocess,
     ensure_files,
     extract_tar,
@@ -25,6 +24,7 @@ from nin.data import (
     read_cifar,
 )
 from nin.errors import NinError
+from nin.loaders import DeviceLoader
 from nin.models import create_model
 from nin.train import train
 

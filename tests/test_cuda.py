@@ -25,7 +25,8 @@ from PIL import Image
 
 import nin.device as nin_device  # `nin` itself is test_resume's CLI runner, imported below
 import nin.train as nin_train
-from nin.checkpoint import LAST, read_config, read_tensors
+from nin.checkpoint import LAST, read_tensors
+from nin.config import read_config
 from nin.cli import main
 from nin.config import make_config
 from nin.data import dataset_spec, load_split

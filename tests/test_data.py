@@ -13,16 +13,15 @@ import torch
 from nin.data import (
     DATASETS,
     DatasetSpec,
-    DeviceLoader,
     Preprocess,
     download,
     ensure_files,
     load_split,
     md5sum,
     read_idx,
-    rotate,
 )
 from nin.errors import NinError
+from nin.loaders import DeviceLoader, rotate
 
 from .conftest import write_idx
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nin.config import make_config
-from nin.fast import Lookahead, first_conv, init_whitening_, param_groups, tta_logits
+from nin.fast import Lookahead, first_conv, init_whitening_, lr_scheduler, param_groups, tta_logits
 from nin.models import NiN, create_model
-from nin.train import lr_scheduler, train
+from nin.train import train
 
 from .conftest import SHARED_DATA
 
@@ -184,3 +184,76 @@ def test_cifar10_fast_learns_on_a_real_subset(tmp_path):
     assert result["tta"] == 2
     # Chance is 10%; three short epochs on 4,096 images (48 steps) reach well above it.
     assert result["test_acc"] > 0.25, result
+
+
+# One step of the recipe, run from a copy of src/nin/fast.py alone: `import nin` fails there.
+RECIPE_STEP = """
+import sys
+sys.modules["nin"] = None  # the copy must not reach for any other nin module
+import torch
+import torch.nn.functional as F
+import fast
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = fast.nin_fast()
+x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+fast.init_whitening_(model, x)
+before = model.eval()(x).detach()
+r = fast.RECIPE
+groups = fast.param_groups(model.train(), r["lr"], r["weight_decay"], r["bias_lr_scale"])
+optimizer = torch.optim.SGD(groups, momentum=r["momentum"], nesterov=True)
+scheduler = fast.lr_scheduler(optimizer, "linear", 10)
+lookahead = fast.Lookahead(model, 1, 10)
+loss = F.cross_entropy(model(x), y, label_smoothing=r["label_smoothing"])
+optimizer.zero_grad(set_to_none=True)
+loss.backward()
+optimizer.step()
+scheduler.step()
+lookahead.step(model, 1)
+torch.save({"before": before, "after": model.state_dict()}, sys.argv[1])
+"""
+
+
+def test_the_recipe_file_runs_alone_and_steps_as_the_package_does(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from nin import fast
+    from nin.presets import PRESETS
+    from nin.train import train_step
+
+    shutil.copy(fast.__file__, tmp_path / "fast.py")
+    (tmp_path / "step.py").write_text(RECIPE_STEP)
+    out = tmp_path / "copy.pt"
+    subprocess.run([sys.executable, str(tmp_path / "step.py"), str(out)], check=True, cwd=tmp_path)
+    copied = torch.load(out)
+
+    # The package: the registry's nin_fast, the preset's settings, nin.train's step.
+    config = make_config("cifar10-fast")
+    assert {k: getattr(config, k) for k in fast.RECIPE} == fast.RECIPE
+    assert PRESETS["cifar10-fast"].settings["model"] == "nin_fast"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = create_model("nin_fast")
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        init_whitening_(model, x)
+        assert torch.equal(model.eval()(x), copied["before"])
+        initial = model.state_dict()["1.0.weight"].clone()
+        groups = param_groups(model.train(), config.lr, config.weight_decay, config.bias_lr_scale)
+        optimizer = torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.nesterov)
+        scheduler = lr_scheduler(optimizer, config.schedule, 10)
+        lookahead = Lookahead(model, 1, 10)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        train_step(model, x, y, optimizer, loss_fn, amp=False)
+        scheduler.step()
+        lookahead.step(model, 1)
+    finally:
+        torch.set_num_threads(threads)
+    after = model.state_dict()
+    assert after.keys() == copied["after"].keys()
+    assert all(torch.equal(after[k], copied["after"][k]) for k in after)
+    assert not torch.equal(after["1.0.weight"], initial)  # the step did change the weights

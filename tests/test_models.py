@@ -181,7 +181,7 @@ def test_every_model_runs_on_its_input_size(name):
 
 def test_registry_knows_the_four_networks():
     assert set(nin.list_models()) >= {"nin_d2l", "nin_cifar", "nin_imagenet", "nin_compact"}
-    with pytest.raises(nin.NinError, match="unknown model 'resnet'"):
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
         nin.create_model("resnet")
 
 

@@ -35,12 +35,13 @@ from hypothesis import strategies as st
 
 import nin.export
 import nin.train
-from nin.checkpoint import lock_run_dir, read_config, save_checkpoint, save_state, save_tensors
+from nin.checkpoint import save_checkpoint, save_state, save_tensors
 from nin.cli import main
-from nin.config import TYPES, flag
+from nin.config import TYPES, flag, read_config
 from nin.data import DATASETS, read_idx
 from nin.distributed import World
 from nin.errors import NinError
+from nin.rundir import lock_run_dir
 from nin.models import create_model
 from tests.conftest import REPO, checkpoint_config, write_idx
 
@@ -341,7 +342,7 @@ def resume_another_run(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def hold_lock(run: Path, resume: bool = False) -> None:
     """Lock `run` as a training process does, until the case ends."""
-    HELD.enter_context(lock_run_dir(run, World(), resume))
+    HELD.enter_context(lock_run_dir(run, resume))
 
 
 def resume_in_use(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -799,9 +800,8 @@ def test_a_header_claiming_huge_dims_is_refused_without_allocating(tmp_path):
 HOLDER = """
 import sys
 from pathlib import Path
-from nin.checkpoint import lock_run_dir
-from nin.distributed import World
-with lock_run_dir(Path(sys.argv[1]), World(), resume=True):
+from nin.rundir import lock_run_dir
+with lock_run_dir(Path(sys.argv[1]), resume=True):
     print("locked", flush=True)
     sys.stdin.read()
 """
@@ -857,10 +857,13 @@ def test_a_new_run_checks_the_directory_again_once_it_holds_the_lock(tmp_path, m
 def test_only_rank_0_locks(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
-    monkeypatch.setattr("nin.checkpoint.broadcast_text", lambda text, world: "")  # rank 0: fine
-    with lock_run_dir(run, World(rank=1, size=2), resume=True):
+    answers = iter([str(run), ""])  # rank 0's name for the directory, and its verdict: fine
+    monkeypatch.setattr(nin.train, "broadcast_text", lambda text, world: next(answers))
+    config = nin.train.saved_config({"out": str(run)})
+    with contextlib.ExitStack() as hold:
+        assert nin.train.open_run_dir(config, World(rank=1, size=2), True, hold) == run
         assert list(run.iterdir()) == []  # no lock file: rank 0, another process, holds it
-        with lock_run_dir(run, World()):  # as it can while rank 1 runs
+        with lock_run_dir(run):  # as it can while rank 1 runs
             assert sorted(p.name for p in run.iterdir()) == [".lock"]
 
 
@@ -877,7 +880,6 @@ def test_a_failed_run_lets_go_of_its_directory(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run").exists()  # an interrupted new run: removed too
     run = trained(tmp_path, monkeypatch)
     assert sorted(p.name for p in run.iterdir()) == [
-        "best.safetensors",
         "config.json",
         "curves.png",
         "last.safetensors",

@@ -125,17 +125,21 @@ def test_resume_refuses_changed_settings_and_finished_runs(data_dir, tmp_path):
     assert isinstance(model, torch.nn.Module)
 
 
-def test_best_checkpoint_holds_the_best_epochs_weights(data_dir, tmp_path):
+def test_best_checkpoint_is_picked_on_validation_never_on_test(data_dir, tmp_path):
     from nin.cli import main
 
     out = tmp_path / "run"
     args = ["--data-dir", str(data_dir), "--train-subset", "512", "--test-subset", "128"]
-    assert main(["train", *args, "--epochs", "2", "--batch-size", "64", "--out", str(out)]) == 0
+    argv = ["train", *args, "--epochs", "2", "--batch-size", "64", "--out", str(out)]
+    assert main([*argv, "--holdout", "128"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    best = max(rows, key=lambda r: r["test_acc"])
+    best = max(rows, key=lambda r: r["val_acc"])
     _, metadata = read_tensors(out / "best.safetensors")
     assert int(metadata["epoch"]) == best["epoch"]
-    assert pytest.approx(float(metadata["test_acc"])) == best["test_acc"]
+    assert pytest.approx(float(metadata["val_acc"])) == best["val_acc"]
+    # Without a validation split the epochs are scored on test: no weights are picked by it.
+    assert main([*argv[:-1], str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "best.safetensors").exists()
 
 
 def test_a_run_killed_before_its_final_files_gets_them_on_resume(data_dir, tmp_path):

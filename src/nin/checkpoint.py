@@ -1,29 +1,20 @@
-"""Run directories and checkpoints: weights and training state in safetensors beside a JSON
-config, written atomically, loaded without ever unpickling anything.
+"""Checkpoints: weights and training state in safetensors beside a run's JSON config, written
+atomically, loaded without ever unpickling anything.
 
-A run directory holds `config.json`, `metrics.jsonl`, `model.safetensors` (the final weights),
-and while it trains `last.safetensors` (everything a resume needs) and `best.safetensors` (the
-weights of the epoch with the best evaluation accuracy). Each is one file, replaced atomically.
-A training state is the nested state dicts of the run's pieces (model, optimizer, schedule,
-random states...): its tensors go into the safetensors file, the rest into its JSON metadata,
-with the run's id and settings, so that a run resumes only from its own state.
-
-While a run trains, it holds a lock on its directory (`lock_run_dir`): a second nin process on
-the same directory stops with one line instead of mixing its files in.
+A run directory (`nin.rundir`) holds `config.json`, `metrics.jsonl`, `model.safetensors` (the
+final weights), and while it trains `last.safetensors` (everything a resume needs) and, with a
+validation split, `best.safetensors` (the weights of the epoch with the best validation
+accuracy). Each is one file, replaced atomically. A training state is the nested state dicts of
+the run's pieces (model, optimizer, schedule, random states...): its tensors go into the
+safetensors file, the rest into its JSON metadata, with the run's id and settings, so that a run
+resumes only from its own state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,37 +23,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nin.distributed import World, broadcast_text
+from nin.config import CONFIG, FIX, parse_json, read_config
 from nin.errors import NinError
-from nin.files import atomic_path, no_empty_dirs_left, write_json
+from nin.files import atomic_path, write_json
 from nin.models import create_model
 
 WEIGHTS = "model.safetensors"
 LAST = "last.safetensors"
 BEST = "best.safetensors"
-CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 STATE_FORMAT = "nin-train-state-2"  # a training-state file: model tensors carry a "model." prefix
-# What `nin eval` needs from a config to rebuild the model and its input pipeline.
-REQUIRED = ("model", "num_classes", "in_channels", "preset", "dataset", "resize", "normalize")
-FIX = "give a run directory written by `nin train`, or one of its .safetensors files"
-LOCK = ".lock"  # held (flock) by the process training in the directory; holds its pid
 # What a resume may change about a run (config.WHERE, the directory's name), what it records
-# besides its settings, and the process count (RunState says more about that): left out of the
-# settings a training state must agree with.
+# besides its settings, and the process count (the training state says more about that): left
+# out of the settings a training state must agree with.
 NOT_SETTINGS = ("out", "data_dir", "device", "environment", "result", "run_id", "world_size")
-# Every type a config.json's keys that rebuild the model may hold, and the range of numbers.
-REQUIRED_TYPES = {
-    "model": (str,),
-    "num_classes": (int,),
-    "in_channels": (int,),
-    "preset": (str,),
-    "dataset": (str,),
-    "resize": (int, type(None)),
-    "normalize": (bool,),
-    "model_kwargs": (dict,),
-}
-LIMITS = {"num_classes": 100_000, "in_channels": 1024}  # a larger model would not fit memory
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -77,14 +51,6 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
             reason = os.strerror(int(code.group(1))) if code else str(e).strip().splitlines()[0]
             raise NinError(f"cannot write {path} ({reason}); check space and permissions") from None
     return path
-
-
-def parse_json(text: str | bytes, **options: Any) -> Any:
-    """`json.loads`, where nesting too deep to parse is a ValueError like any other bad JSON."""
-    try:
-        return json.loads(text, **options)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
 
 
 class DuplicateKeyError(ValueError):
@@ -153,50 +119,6 @@ def save_checkpoint(run_dir: Path, model: nn.Module, config: dict[str, Any]) -> 
     return run_dir / WEIGHTS
 
 
-def read_config(run_dir: Path) -> dict[str, Any]:
-    """The config.json of a run directory, checked for the keys that rebuild its model."""
-    path = run_dir / CONFIG
-    if not path.is_file():
-        raise NinError(f"{path}: not found; {FIX}")
-    try:
-        config = parse_json(path.read_text())
-        if not isinstance(config, dict):
-            raise TypeError("not a JSON object")
-        missing = [k for k in REQUIRED if k not in config]
-        if missing:
-            raise KeyError(", ".join(missing))
-        check_types(config)
-    except (ValueError, KeyError, TypeError) as e:  # ValueError covers JSON and decode errors
-        raise NinError(f"{path}: not a valid nin config (missing or bad: {e})") from None
-    return config
-
-
-def check_types(config: dict[str, Any]) -> None:
-    """Raise TypeError unless the keys that rebuild the model have their types and ranges."""
-    for key, types in REQUIRED_TYPES.items():
-        if key not in config:  # model_kwargs, which is optional; the rest were checked
-            continue
-        value = config[key]
-        if type(value) not in types:  # `type`, not isinstance: True is no number of classes
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise TypeError(f"{key} must be {names}, got {value!r}")
-        if key in LIMITS and not 1 <= value <= LIMITS[key]:
-            raise TypeError(f"{key} must be from 1 to {LIMITS[key]}, got {value!r}")
-
-
-def build_model(config: dict[str, Any], where: Path) -> nn.Module:
-    """The registry model a config describes, with fresh weights."""
-    try:
-        return create_model(
-            config["model"],
-            num_classes=config["num_classes"],
-            in_channels=config["in_channels"],
-            **config.get("model_kwargs", {}),
-        )
-    except (TypeError, ValueError) as e:
-        raise NinError(f"{where}: config cannot build model {config['model']!r} ({e})") from None
-
-
 def load_weights(
     model: nn.Module, path: Path, name: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -250,7 +172,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     run_dir = path if path.is_dir() else path.parent
     weights_path = path if path.is_file() else run_dir / WEIGHTS
     config = read_config(run_dir)
-    model = build_model(config, run_dir / CONFIG)
+    try:
+        model = create_model(
+            config["model"],
+            num_classes=config["num_classes"],
+            in_channels=config["in_channels"],
+            **config.get("model_kwargs", {}),
+        )
+    except (TypeError, ValueError) as e:
+        where = run_dir / CONFIG
+        raise NinError(f"{where}: config cannot build model {config['model']!r} ({e})") from None
     load_weights(model, weights_path, config["model"])
     return model, config
 
@@ -354,188 +285,6 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, list):
         return [_join(v, tensors) for v in value]
     return value
-
-
-def prepare_run_dir(out: str | None, preset: str, world: World, resume: bool) -> Path:
-    """The run directory, checked writable (or, to resume, checkpointed) before any expensive
-    work. Rank 0 checks; every process gets its verdict, so all of them stop together."""
-    if resume:
-        run_dir = Path(out or "")
-        if not (run_dir / LAST).is_file():
-            raise NinError(
-                f"{run_dir / LAST}: not found; --resume takes a run directory that `nin train` "
-                "has checkpointed (it writes last.safetensors at every epoch end)"
-            )
-        return run_dir
-    run_dir = Path(broadcast_text(str(out or new_run_dir(preset)), world))
-    problem = broadcast_text(
-        (in_use(run_dir) or check_run_dir(run_dir)) if world.main else "", world
-    )
-    if problem:
-        raise NinError(problem)
-    return run_dir
-
-
-def check_run_dir(run_dir: Path) -> str:
-    """Why a new run cannot use `run_dir` ("" if it can); leaves nothing behind."""
-    if (run_dir / LAST).exists():
-        return (
-            f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose "
-            "another --out"
-        )
-    if (run_dir / CONFIG).exists():
-        return (
-            f"{run_dir} already holds a run that saved no checkpoint; delete it, or choose "
-            "another --out"
-        )
-    probe = run_dir / ".write-test"
-    # Leave nothing behind, not even an empty directory: the run makes it again when it writes.
-    with no_empty_dirs_left(run_dir):
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(probe, "wb") as f:  # a byte on disk: the directory takes files, has room
-                f.write(b"\0")
-                os.fsync(f.fileno())
-        except OSError as e:
-            return f"cannot write to {run_dir} ({e.strerror}); choose another --out"
-        finally:
-            with contextlib.suppress(OSError):
-                probe.unlink()
-    return ""
-
-
-def in_use(run_dir: Path) -> str:
-    """Why another nin process holds `run_dir` ("" if none does); creates nothing."""
-    try:
-        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:  # no lock file (the usual case), or one this process cannot read
-        return ""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return busy(run_dir, fd)
-    except OSError:  # a file system without locks
-        return ""
-    finally:
-        os.close(fd)
-    return ""
-
-
-def busy(run_dir: Path, fd: int) -> str:
-    """The line for a run directory whose lock, open as `fd`, another process holds."""
-    pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "unknown"
-    return (
-        f"{run_dir} is in use by another nin process (pid {pid}); wait for it or choose "
-        "another --out"
-    )
-
-
-def acquire(path: Path) -> tuple[int | None, str]:
-    """Lock file `path` (flock, exclusive, without waiting) and write this pid into it: its
-    descriptor, or None and why not. A lock on a file its holder removed has been lost: then
-    the new file at `path` is locked instead."""
-    for _ in range(100):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            problem = busy(path.parent, fd)
-            os.close(fd)
-            return None, problem
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                os.close(fd)
-                raise
-            return fd, ""  # a file system without locks: run unguarded, as before locks
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return fd, ""
-        os.close(fd)
-    return None, f"{path.parent} is in use by another nin process; choose another --out"
-
-
-def release(fd: int | None, path: Path) -> None:
-    """Remove the lock file, then unlock it (in that order, see `acquire`)."""
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        os.close(fd)
-
-
-@contextmanager
-def lock_run_dir(run_dir: Path, world: World, resume: bool = False) -> Iterator[None]:
-    """Hold RUN_DIR/.lock for the block, the life of a run: another process that tries gets
-    one line. Rank 0 locks (every process gets its verdict). A new run checks once more, with
-    the lock, that the directory is free, and if it fails before its first checkpoint it
-    removes the files it wrote (so the same --out works again); one with a checkpoint is
-    kept, and its message says how to continue it."""
-    fd, problem, made, before = None, "", [], set()
-    if world.main:
-        made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            fd, problem = acquire(run_dir / LOCK)
-            if fd is not None and not resume:  # a run may have begun here since we looked
-                problem = check_run_dir(run_dir)
-            before = set(os.listdir(run_dir))
-        except OSError as e:
-            problem = f"cannot write to {run_dir} ({e.strerror or e}); choose another --out"
-    problem = broadcast_text(problem, world)
-    removed = True  # whether a failed run leaves nothing behind
-    try:
-        if problem:
-            raise NinError(problem)
-        yield
-    except BaseException as e:
-        if world.main and not resume and not problem:
-            try:
-                removed, outcome = clean_up(run_dir, before)
-            except OSError:  # the run's own error is the one to report
-                removed, outcome = False, ""
-            if isinstance(e, NinError) and outcome and "--resume" not in str(e):
-                raise NinError(f"{e}; {outcome}") from None
-        raise
-    else:
-        removed = False
-    finally:
-        release(fd, run_dir / LOCK)
-        for folder in made if removed else ():
-            with contextlib.suppress(OSError):  # not empty: not ours to remove
-                folder.rmdir()
-
-
-def clean_up(run_dir: Path, before: set[str]) -> tuple[bool, str]:
-    """After a new run failed: remove the files it wrote unless it saved a checkpoint. Whether
-    it did remove them, and what the message adds ("" when the run had written nothing)."""
-    if (run_dir / LAST).exists():
-        return False, f"the run so far is kept (`nin train --resume {run_dir}` continues it)"
-    wrote = [run_dir / name for name in set(os.listdir(run_dir)) - before - {LOCK}]
-    for path in wrote:
-        if path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
-    if not any(not p.name.endswith(".tmp") for p in wrote):
-        return True, ""
-    return True, "it had no checkpoint, so what it wrote is removed: the same --out works again"
-
-
-def run_id(run_dir: Path, world: World, resume: bool) -> str | None:
-    """This run's id: a new one for a new run (the same on every process), else the one in its
-    config.json (None for a run an older nin began)."""
-    if resume:
-        return read_config(run_dir).get("run_id")
-    return broadcast_text(uuid.uuid4().hex, world)
-
-
-def new_run_dir(preset: str) -> Path:
-    """A fresh runs/<time>-<preset> directory name, never one an earlier run holds."""
-    base = f"runs/{datetime.now():%Y%m%d-%H%M%S}-{preset}"
-    candidates = (Path(base if i == 1 else f"{base}-{i}") for i in range(1, 1000))
-    return next(p for p in candidates if not p.exists())
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:

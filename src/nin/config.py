@@ -29,6 +29,22 @@ from nin.fast import TTA_LEVELS
 from nin.models import create_model, model_info
 from nin.presets import PRESETS
 
+CONFIG = "config.json"  # a run directory's settings and record
+FIX = "give a run directory written by `nin train`, or one of its .safetensors files"
+# What `nin eval` needs from a config to rebuild the model and its input pipeline.
+REQUIRED = ("model", "num_classes", "in_channels", "preset", "dataset", "resize", "normalize")
+# Every type a config.json's keys that rebuild the model may hold, and the range of numbers.
+REQUIRED_TYPES = {
+    "model": (str,),
+    "num_classes": (int,),
+    "in_channels": (int,),
+    "preset": (str,),
+    "dataset": (str,),
+    "resize": (int, type(None)),
+    "normalize": (bool,),
+    "model_kwargs": (dict,),
+}
+LIMITS = {"num_classes": 100_000, "in_channels": 1024}  # a larger model would not fit memory
 SCHEDULES = ("constant", "onecycle", "linear")
 INITS = ("default", "xavier", "whiten")
 
@@ -176,6 +192,45 @@ def saved_config(saved: dict[str, Any], **here: Any) -> TrainConfig:
     )
 
 
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """The config.json of a run directory, checked for the keys that rebuild its model."""
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise NinError(f"{path}: not found; {FIX}")
+    try:
+        config = parse_json(path.read_text())
+        if not isinstance(config, dict):
+            raise TypeError("not a JSON object")
+        missing = [k for k in REQUIRED if k not in config]
+        if missing:
+            raise KeyError(", ".join(missing))
+        check_types(config)
+    except (ValueError, KeyError, TypeError) as e:  # ValueError covers JSON and decode errors
+        raise NinError(f"{path}: not a valid nin config (missing or bad: {e})") from None
+    return config
+
+
+def check_types(config: dict[str, Any]) -> None:
+    """Raise TypeError unless the keys that rebuild the model have their types and ranges."""
+    for key, types in REQUIRED_TYPES.items():
+        if key not in config:  # model_kwargs, which is optional; the rest were checked
+            continue
+        value = config[key]
+        if type(value) not in types:  # `type`, not isinstance: True is no number of classes
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise TypeError(f"{key} must be {names}, got {value!r}")
+        if key in LIMITS and not 1 <= value <= LIMITS[key]:
+            raise TypeError(f"{key} must be from 1 to {LIMITS[key]}, got {value!r}")
+
+
+def parse_json(text: str | bytes, **options: Any) -> Any:
+    """`json.loads`, where nesting too deep to parse is a ValueError like any other bad JSON."""
+    try:
+        return json.loads(text, **options)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The settings in a JSON or TOML file (a run's config.json will do), as field values."""
     path = Path(path)
@@ -205,7 +260,10 @@ def check_config(config: TrainConfig) -> TrainConfig:
             setattr(config, name, value := float(value))
         if type(value) is not kind and not (value is None and optional):
             raise NinError(f"--{flag(name)} must be {kind.__name__}, got {value!r}")
-    model_info(config.model)
+    try:
+        model_info(config.model)
+    except ValueError as e:  # the registry's own line: unknown model, and the known ones
+        raise NinError(str(e)) from None
     dataset_spec(config.dataset)
     check_model_kwargs(config.model, config.model_kwargs)
     try:
@@ -219,6 +277,15 @@ def check_config(config: TrainConfig) -> TrainConfig:
         raise NinError(f"--channels must be 1 or 3, got {config.channels}")
     if config.loader not in ("auto", "resident", "stream"):
         raise NinError(f"unknown --loader {config.loader!r}; choose auto, resident or stream")
+    for name, known in (("schedule", SCHEDULES), ("init", INITS), ("tta", tuple(TTA_LEVELS))):
+        if getattr(config, name) not in known:
+            choices = ", ".join(map(str, known))
+            raise NinError(f"unknown --{name} {getattr(config, name)!r}; choose one of: {choices}")
+    return check_ranges(config)
+
+
+def check_ranges(config: TrainConfig) -> TrainConfig:
+    """`config`, once every number is in its range; else a one-line error."""
     for name in ("holdout", "collapse_steps", "stuck_steps", "checkpoint_every", "crop_padding"):
         if getattr(config, name) < 0:
             raise NinError(f"--{flag(name)} must be 0 or more, got {getattr(config, name)}")
@@ -228,10 +295,11 @@ def check_config(config: TrainConfig) -> TrainConfig:
             raise NinError(f"--{flag(name)} must be at least 1, got {value}")
     if not 0 <= config.seed < 2**63:
         raise NinError(f"--seed must be in [0, 2**63), got {config.seed}")
-    if config.resize is not None and config.resize > MAX_SIDE:
-        raise NinError(f"--resize must be at most {MAX_SIDE}, got {config.resize}")
-    if config.crop_padding > MAX_SIDE:  # the padded batch is allocated whole
-        raise NinError(f"--crop-padding must be at most {MAX_SIDE}, got {config.crop_padding}")
+    for name in ("resize", "crop_padding"):  # a padded batch is allocated whole
+        if (getattr(config, name) or 0) > MAX_SIDE:
+            raise NinError(
+                f"--{flag(name)} must be at most {MAX_SIDE}, got {getattr(config, name)}"
+            )
     for name, (kind, _) in TYPES.items():  # counts past 32 bits overflow the device's integers
         value = getattr(config, name)
         if kind is int and name != "seed" and value is not None and value > MAX_COUNT:
@@ -251,10 +319,6 @@ def check_config(config: TrainConfig) -> TrainConfig:
         raise NinError(f"--rotate must be in [0, 180] degrees, got {config.rotate}")
     if not 0 <= config.label_smoothing < 1:
         raise NinError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
-    for name, known in (("schedule", SCHEDULES), ("init", INITS), ("tta", tuple(TTA_LEVELS))):
-        if getattr(config, name) not in known:
-            choices = ", ".join(map(str, known))
-            raise NinError(f"unknown --{name} {getattr(config, name)!r}; choose one of: {choices}")
     return config
 
 

@@ -1,11 +1,11 @@
-"""Data: download and verify the official files, read them, and serve batches from the device.
+"""Data sets: download and verify the official files, read them, and preprocess their images.
 
 MNIST and Fashion-MNIST come as gzipped IDX files; CIFAR-10 as the official binary archive, which
 is unpacked safely and read as fixed-size records (never the pickled version: nothing downloaded
 is ever unpickled).
 
-The whole split is held as uint8 on the training device; every batch is gathered, converted,
-resized, normalised and augmented there, in one go. There is no per-sample Python anywhere.
+`Preprocess` turns uint8 images into what a model takes, the same way in training, evaluation,
+prediction, serving and export. Batches come from `nin.loaders`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +34,6 @@ from tqdm import tqdm
 
 from nin.errors import NinError
 from nin.files import atomic_path, no_empty_dirs_left
-
-if TYPE_CHECKING:
-    pass
 
 IDX_DTYPES = {0x08: torch.uint8}
 MAX_IDX_BYTES = 1 << 30  # the largest official IDX file unpacks to 47 MB
@@ -69,18 +66,7 @@ CIFAR10 = DatasetSpec(
     name="cifar10",
     files={"archive": ("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")},
     mirrors=("https://www.cs.toronto.edu/~kriz/",),
-    classes=(
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ),
+    classes=tuple("airplane automobile bird cat deer dog frog horse ship truck".split()),
     # Measured on the 50,000 training images (tests/test_cifar.py checks them).
     mean=(0.4914, 0.4822, 0.4465),
     std=(0.2470, 0.2435, 0.2616),
@@ -501,111 +487,6 @@ class Preprocess:
         return x
 
 
-class DeviceLoader:
-    """Batches from a split held on the device as uint8, prepared there in batch.
-
-    Each batch is gathered by index, (for training) rotated, translated and flipped at random, and
-    preprocessed (`Preprocess`). The shuffling and augmentation draw from generators seeded
-    with `seed`.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        device: torch.device | str = "cpu",
-        shuffle: bool = False,
-        preprocess: Preprocess | None = None,
-        flip: bool = False,
-        crop_padding: int = 0,
-        rotate: float = 0.0,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        classes: tuple[str, ...] = (),
-        workers: int = 0,
-    ) -> None:
-        if batch_size < 1:
-            raise NinError(f"batch size must be at least 1, got {batch_size}")
-        self.device = torch.device(device)
-        self.images = images.to(self.device)  # images streamed from disk stay there
-        self.stream = not isinstance(self.images, torch.Tensor)
-        self.labels = labels.to(self.device)
-        self.classes, self.workers = classes, workers
-        self.note = ""  # where the images are kept, when that was chosen
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.preprocess = preprocess or Preprocess()
-        self.flip = flip
-        self.crop_padding = crop_padding
-        self.rotate = rotate
-        self.rank, self.world_size = rank, world_size
-        # Every rank draws the same order and takes its own shard of it; augmentation differs.
-        self.order_generator = torch.Generator().manual_seed(seed)
-        self.augment_generator = torch.Generator(device=self.device).manual_seed(
-            seed + 1 + 1000 * rank
-        )
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_examples / self.batch_size)
-
-    @property
-    def num_examples(self) -> int:
-        """Number of examples this rank sees in one pass."""
-        n = len(self.labels)
-        if self.shuffle:  # training: every rank gets the same number of steps
-            return n // self.world_size
-        return len(range(self.rank, n, self.world_size))
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.batches()
-
-    def batches(self, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One pass over this rank's shard, leaving out the first `skip` batches (a resume)."""
-        n = len(self.labels)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.order_generator)
-            order = order[: self.num_examples * self.world_size]
-        else:
-            order = torch.arange(n)
-        order = order[self.rank :: self.world_size][skip * self.batch_size :]
-        if self.stream:  # read from the disk by a DataLoader's workers
-            read = batches_from_disk(self.images, order, self.batch_size, self.workers)
-            for start, batch in zip(range(0, len(order), self.batch_size), read, strict=True):
-                index = order[start : start + self.batch_size].to(self.device)
-                yield self.prepare(batch), self.labels[index]
-            return
-        order = order.to(self.device)
-        for start in range(0, len(order), self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield self.prepare(self.images[index]), self.labels[index]
-
-    def prepare(self, batch: torch.Tensor, augment: bool = True) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> the model's input, augmented as configured (unless not
-        `augment`)."""
-        batch = batch.to(self.device, non_blocking=True)
-        return self.preprocess(batch, self.augment if augment else None)
-
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """Random rotations, translations and flips of [0, 1] pixels, as configured."""
-        if self.rotate:
-            x = random_rotate(x, self.rotate, self.augment_generator)
-        if self.crop_padding:
-            x = random_translate(x, self.crop_padding, self.augment_generator)
-        if self.flip:
-            x = random_flip(x, self.augment_generator)
-        return x
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The augmentation generator's state (the order is redrawn per epoch by the run)."""
-        return {"augment": self.augment_generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Put back a state from `state_dict`."""
-        self.augment_generator.set_state(state["augment"])
-
-
 @functools.cache
 def channel_values(values: float | tuple[float, ...], device: torch.device) -> torch.Tensor:
     """One value, or one per channel, as a (1, C, 1, 1) tensor on `device`, made once.
@@ -613,51 +494,3 @@ def channel_values(values: float | tuple[float, ...], device: torch.device) -> t
     Cached so that no batch pays a host-to-device copy (a sync on GPUs) for its statistics.
     """
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-
-
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror a random half of the batch left-right."""
-    mask = torch.rand(len(x), device=x.device, generator=generator) < 0.5
-    return torch.where(mask[:, None, None, None], x.flip(3), x)
-
-
-def random_rotate(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:
-    """Rotate each image by a random angle in [-degrees, degrees]."""
-    turns = torch.rand(len(x), device=x.device, generator=generator) * 2 - 1
-    return rotate(x, turns * math.radians(degrees))
-
-
-def rotate(x: torch.Tensor, radians: torch.Tensor) -> torch.Tensor:
-    """Rotate each image about its centre by its angle, bilinear; the corners brought in are
-    zeros (the background of digits)."""
-    b, _, h, w = x.shape
-    cos, sin, zero = radians.cos(), radians.sin(), torch.zeros_like(radians)
-    # The rotation in pixels, written in grid_sample's [-1, 1] coordinates (h/w keeps the angle
-    # true on non-square images).
-    theta = torch.stack([cos, -sin * h / w, zero, sin * w / h, cos, zero], 1).view(b, 2, 3)
-    grid = F.affine_grid(theta.to(x.dtype), [b, 1, h, w], align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False)
-
-
-def random_translate(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after zero padding: shift each image by up to `padding` pixels each way."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
-    shifts = torch.randint(0, 2 * padding + 1, (2, b), device=x.device, generator=generator)
-    rows = shifts[0, :, None] + torch.arange(h, device=x.device)  # (B, H)
-    cols = shifts[1, :, None] + torch.arange(w, device=x.device)  # (B, W)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    # Advanced indexing gathers (B, H, W, C); move channels back to dim 1.
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-def batches_from_disk(
-    images: torch.utils.data.Dataset, order: torch.Tensor, batch_size: int, workers: int
-) -> Iterator[torch.Tensor]:
-    """uint8 batches of `images` (a data set read from disk) in `order`, read by a
-    DataLoader's worker processes."""
-    index = [order[s : s + batch_size].tolist() for s in range(0, len(order), batch_size)]
-    loader = torch.utils.data.DataLoader(
-        images, batch_sampler=index, num_workers=workers, persistent_workers=False
-    )
-    yield from loader

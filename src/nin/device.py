@@ -15,19 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from nin.distributed import World
 from nin.errors import NinError
 
 
-def pick_device(
-    requested: str | None = None, world: World | None = None
-) -> tuple[torch.device, str]:
-    """The device to run on, and why it was chosen: CUDA, then Apple MPS, then CPU.
-
-    Under torchrun each process takes the GPU of its local rank.
-    """
-    if world and world.active and not requested and torch.cuda.is_available():
-        return torch.device("cuda", world.local_rank), f"local rank {world.local_rank}"
+def pick_device(requested: str | None = None) -> tuple[torch.device, str]:
+    """The device to run on, and why it was chosen: CUDA, then Apple MPS, then CPU."""
     if requested:
         try:
             device = torch.device(requested)

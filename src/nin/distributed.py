@@ -47,6 +47,13 @@ def init_world(device: str | None = None) -> World:
     return world
 
 
+def world_device(world: World, requested: str | None) -> tuple[torch.device, str] | None:
+    """Under torchrun, unless `--device` says otherwise, each process's GPU: its local rank's."""
+    if world.active and not requested and torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank), f"local rank {world.local_rank}"
+    return None
+
+
 def close_world(world: World) -> None:
     """Leave the process group once every process is done."""
     if world.active and dist.is_initialized():

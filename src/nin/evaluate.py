@@ -1,5 +1,6 @@
 """Evaluation: one pass of a model over a loader, as a confusion matrix (and, when asked, every
-prediction with its confidence). Training, `nin eval`, the report and the exercises all use it."""
+prediction with its confidence), with test-time augmentation (`nin.fast.tta_logits`) when asked.
+Training, `nin eval`, the report and the exercises all use it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nin.data import DeviceLoader
 from nin.device import autocast
-from nin.distributed import World, all_reduce
+from nin.errors import NinError
 from nin.fast import tta_logits
+from nin.loaders import DeviceLoader
 
 
 @dataclass
@@ -43,11 +44,9 @@ def evaluate(
     amp: bool = False,
     tta: int = 0,
     predictions: bool = False,
-    world: World | None = None,
 ) -> Evaluation:
     """Evaluate `model` over `loader` with test-time augmentation at level `tta` (see
-    `tta_logits`); with `predictions`, keep every example's prediction and confidence. Under
-    torchrun (`world`), the confusion matrix sums every process's shard."""
+    `tta_logits`); with `predictions`, keep every example's prediction and confidence."""
     model.eval()
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=loader.device)
     predicted, confidence = [], []
@@ -59,8 +58,6 @@ def evaluate(
         if predictions:
             predicted.append(guess)
             confidence.append(probs)
-    if world is not None:
-        confusion = all_reduce(confusion, world)
     result = Evaluation(confusion.view(num_classes, num_classes).cpu())
     if predictions:
         result.predicted = torch.cat(predicted).cpu() if predicted else torch.zeros(0).long()
@@ -71,3 +68,15 @@ def evaluate(
 def accuracy(confusion: torch.Tensor) -> float:
     """Overall accuracy from a confusion matrix."""
     return confusion.trace().item() / max(confusion.sum().item(), 1)
+
+
+def check_input(model: nn.Module, x: torch.Tensor, name: str) -> None:
+    """Fail fast, in one line, if `model` (named `name`) cannot take the batch `x`."""
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    except RuntimeError as e:
+        raise NinError(
+            f"model {name!r} cannot take input {tuple(x.shape[1:])} ({str(e).splitlines()[0]}); "
+            "use --resize 224 for nin_d2l, or pick a model for this size"
+        ) from None

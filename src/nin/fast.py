@@ -1,19 +1,129 @@
-"""Fast-training pieces, after airbench (Keller Jordan's CIFAR-10 speed runs), for any NiN.
+"""The fast NiN recipe, after airbench (Keller Jordan's CIFAR-10 speed runs), in one file.
 
-Each is a small function or object the training loop calls at one place:
+It needs torch alone: copy it into another project as it is. nin trains `--preset cifar10-fast`
+through it (nin.models registers `nin_fast`, nin.train calls the rest); there is no other copy.
+
+- `nin_fast`: the network: a 2×2 whitening convolution, three NiN blocks (a 3×3 convolution
+  pooled 2×2 before its batch norm, then 1×1 convolutions), a 1×1 class-map convolution and
+  global average pooling; no dense layer.
 - `init_whitening_`: set the first convolution to whiten image patches (PCA of the data);
 - `param_groups`: per-parameter learning rates (batch-norm shifts; the authors' multipliers);
+- `lr_scheduler`: one-cycle, or airbench's linear warm-up and decay, per step;
 - `Lookahead`: every few steps, pull the weights towards their running average, and end on it;
-- `tta_logits`: average the logits over flipped and shifted copies of each test image.
+- `tta_logits`: average the logits over flipped and shifted copies of each test image;
+- `RECIPE`: the settings nin's `cifar10-fast` preset trains with (chosen on a validation split).
+
+One step of the recipe, as nin runs it::
+
+    model = nin_fast()
+    init_whitening_(model, train_images[:5000])  # normalised floats, (N, 3, 32, 32)
+    groups = param_groups(model, RECIPE["lr"], RECIPE["weight_decay"], RECIPE["bias_lr_scale"])
+    optimizer = torch.optim.SGD(groups, momentum=RECIPE["momentum"], nesterov=True)
+    scheduler = lr_scheduler(optimizer, "linear", total_steps)
+    lookahead = Lookahead(model, RECIPE["lookahead"], total_steps)
+    for step, (x, y) in enumerate(batches, 1):  # flipped and translated 2 pixels at random
+        loss = F.cross_entropy(model(x), y, label_smoothing=RECIPE["label_smoothing"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        lookahead.step(model, step)
+    logits = tta_logits(model.eval(), test_images, RECIPE["tta"])
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nin.errors import NinError
+# The settings of nin's `cifar10-fast` preset beside its model (nin_fast), data set (cifar10),
+# whitening init and linear schedule; the rest of the preset is nin's modern recipe (Nesterov
+# momentum, normalised inputs, bfloat16, channels-last).
+RECIPE = dict(
+    epochs=9,
+    lr=1.5,  # airbench's 11.5 per 1024 examples (summed loss), for a mean loss
+    batch_size=1024,
+    momentum=0.85,
+    weight_decay=0.0013,  # airbench's 0.0153 per 1024 examples, decoupled from the lr
+    bias_lr_scale=64.0,
+    label_smoothing=0.2,
+    flip=True,
+    crop_padding=2,
+    lookahead=5,
+    tta=2,
+)
+
+
+class Scale(nn.Module):
+    """Multiply by a constant: tempers the class maps of a batch-normed net at the start."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+# Each makes a new layer (ReLU in place, as everywhere in nin).
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
+
+
+def fast_block(
+    c_in: int, c_out: int, num_pointwise: int, act: Callable[[], nn.Module]
+) -> nn.Sequential:
+    """A NiN block: a 3×3 convolution, 2×2 max-pooling (before its batch norm, so the rest
+    works on a quarter of the positions), then `num_pointwise` 1×1 convolutions, each with batch
+    norm and the activation."""
+    layers = [nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.MaxPool2d(2)]
+    for i in range(num_pointwise + 1):
+        if i:
+            layers.append(nn.Conv2d(c_out, c_out, 1, bias=False))
+        layers += [nn.BatchNorm2d(c_out), act()]
+    return nn.Sequential(*layers)
+
+
+def nin_fast(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    widths: tuple[int, int, int] = (64, 256, 256),
+    num_pointwise: int = 1,
+    activation: str = "gelu",
+    batch_norm_momentum: float = 0.4,
+    logit_scale: float = 1 / 9,
+) -> nn.Sequential:
+    """The fast NiN for 32×32 colour images: airbench's layout with NiN blocks.
+
+    The 2×2 first convolution goes to 2·C·4 maps (`init_whitening_` sets it from the data).
+    Batch norm learns its shift only (scale fixed at 1) and follows the batch fast
+    (`batch_norm_momentum`); every convolution after the first starts as the identity on its
+    first channels (Dirac).
+    """
+    if activation not in ACTIVATIONS:
+        known = ", ".join(ACTIVATIONS)
+        raise ValueError(f"unknown activation {activation!r}; choose one of: {known}")
+    act = ACTIVATIONS[activation]
+    whiten = 2 * in_channels * 2 * 2
+    first = nn.Sequential(nn.Conv2d(in_channels, whiten, 2), act())
+    blocks, c = [], whiten
+    for width in widths:
+        blocks.append(fast_block(c, width, num_pointwise, act))
+        c = width
+    for module in nn.Sequential(*blocks).modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = batch_norm_momentum
+            module.weight.requires_grad_(False)
+        elif isinstance(module, nn.Conv2d):
+            w = module.weight.data
+            nn.init.dirac_(w[: min(w.shape[:2])])
+    head = [nn.Conv2d(c, num_classes, 1, bias=False), Scale(logit_scale)]
+    return nn.Sequential(first, *blocks, *head, nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten())
 
 
 def first_conv(model: nn.Module) -> nn.Conv2d:
@@ -32,7 +142,7 @@ def init_whitening_(model: nn.Module, images: Tensor, eps: float = 5e-4) -> None
     conv = first_conv(model)
     c, (h, w) = images.shape[1], conv.kernel_size
     if conv.out_channels != 2 * c * h * w or conv.in_channels != c:
-        raise NinError(
+        raise ValueError(
             f"whitening needs a first convolution from {c} to {2 * c * h * w} channels "
             f"(2 × channels × {h}×{w}); {type(model).__name__}'s goes {conv.in_channels} → "
             f"{conv.out_channels}: use --init default"
@@ -44,6 +154,25 @@ def init_whitening_(model: nn.Module, images: Tensor, eps: float = 5e-4) -> None
     filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).flip(0).view(-1, c, h, w)
     conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
     conv.weight.requires_grad_(False)
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step learning-rate schedule: None (constant), one-cycle (cosine, 30% warm-up),
+    or linear (airbench's: from 0.2× up to the peak over 23% of the steps, down to 0.07×)."""
+    if schedule == "constant":
+        return None
+    peaks = [group["lr"] for group in optimizer.param_groups]
+    # cycle_momentum=False: the momentum that runs is the one the optimizer was given.
+    shape = (
+        dict(pct_start=0.23, anneal_strategy="linear", div_factor=5, final_div_factor=0.2 / 0.07)
+        if schedule == "linear"
+        else {}
+    )
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=peaks, total_steps=total_steps, cycle_momentum=False, **shape
+    )
 
 
 def param_groups(

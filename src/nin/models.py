@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from nin.errors import NinError
+from nin import fast
 
 
 def nin_block(
@@ -39,7 +38,7 @@ def nin_block(
     on a quarter of the positions, as airbench pools. `activation` replaces ReLU.
     """
     if num_pointwise < 0:
-        raise NinError(f"num_pointwise must be 0 or more, got {num_pointwise}")
+        raise ValueError(f"num_pointwise must be 0 or more, got {num_pointwise}")
     if pointwise_channels is None:
         pointwise_channels = [out_channels] * num_pointwise
     widths = [out_channels, *pointwise_channels]
@@ -108,7 +107,7 @@ def classifier_head(
         "late": (c, [c, num_classes]),
     }
     if head not in widths:
-        raise NinError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
+        raise ValueError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
     conv, pointwise = widths[head]
     block = nin_block(
         c, conv, 3, 1, 1,
@@ -148,7 +147,7 @@ def list_models() -> list[str]:
 def model_info(name: str) -> ModelInfo:
     """The registry entry for `name`, or a clear error listing the known names."""
     if name not in _REGISTRY:
-        raise NinError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     return _REGISTRY[name]
 
 
@@ -158,7 +157,7 @@ def create_model(
     """Build a registered model by name (timm-style); unset arguments keep the model's defaults."""
     build = model_info(name).build
     if num_classes is not None and num_classes < 1:
-        raise NinError(f"num_classes must be at least 1, got {num_classes}")
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     given = {"num_classes": num_classes, "in_channels": in_channels}
     return build(**{k: v for k, v in given.items() if v is not None}, **kwargs)
 
@@ -332,78 +331,23 @@ def nin_imagenet(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> NiN
     return _create_paper("nin_imagenet", num_classes, in_channels, **kwargs)
 
 
-class Scale(nn.Module):
-    """Multiply by a constant: tempers the class maps of a batch-normed net at the start."""
-
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.factor
-
-    def extra_repr(self) -> str:
-        return f"factor={self.factor}"
-
-
 # The fast NiNs' widths: blocks 1-3 (each a 3×3 convolution, a 2×2 max-pool and 1×1s).
 FAST_CFGS: dict[str, tuple[int, int, int]] = {
     "nin_fast": (64, 256, 256),
     "nin_fast_wide": (128, 384, 384),
 }
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
-
-
-def _create_fast(
-    variant: str,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    num_pointwise: int = 1,
-    activation: str = "gelu",
-    batch_norm_momentum: float = 0.4,
-    logit_scale: float = 1 / 9,
-) -> NiN:
-    """A fast NiN for 32×32 colour images: airbench's layout with NiN blocks.
-
-    A 2×2 convolution to 2·C·4 maps (`init="whiten"` sets it from the data: patch whitening),
-    three NiN blocks, each a 3×3 convolution pooled 2×2 before batch norm and its 1×1s, then
-    a 1×1 class-map convolution and global average pooling; no dense layer. Batch norm learns
-    its shift only (scale fixed at 1) and follows the batch fast (`batch_norm_momentum`);
-    every convolution after the first starts as the identity on its first channels (Dirac).
-    """
-    if activation not in ACTIVATIONS:
-        known = ", ".join(ACTIVATIONS)
-        raise NinError(f"unknown activation {activation!r}; choose one of: {known}")
-    act = ACTIVATIONS[activation]
-    whiten = 2 * in_channels * 2 * 2
-    c = whiten
-    blocks: list[nn.Module] = [nin_block(in_channels, whiten, 2, num_pointwise=0, activation=act)]
-    for width in FAST_CFGS[variant]:
-        pool = nn.MaxPool2d(2)
-        blocks.append(nin_block(c, width, 3, 1, 1, num_pointwise, True, pool=pool, activation=act))
-        c = width
-    model = NiN(*blocks, nn.Conv2d(c, num_classes, 1, bias=False), Scale(logit_scale),
-                *global_average_pool())  # fmt: skip
-    for module in nn.Sequential(*blocks[1:]).modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = batch_norm_momentum
-            module.weight.requires_grad_(False)
-        elif isinstance(module, nn.Conv2d):
-            w = module.weight.data
-            nn.init.dirac_(w[: min(w.shape[:2])])
-    return model
 
 
 @register_model((3, 32, 32), "fast NiN for CIFAR-10 (airbench's tricks): 64/256/256 channels")
 def nin_fast(**kwargs) -> NiN:
-    """The fast NiN at airbench94's widths (see `_create_fast`)."""
-    return _create_fast("nin_fast", **kwargs)
+    """The fast NiN at airbench94's widths (see `nin.fast.nin_fast`)."""
+    return NiN(*fast.nin_fast(widths=FAST_CFGS["nin_fast"], **kwargs))
 
 
 @register_model((3, 32, 32), "wider fast NiN for CIFAR-10: 128/384/384 channels")
 def nin_fast_wide(**kwargs) -> NiN:
-    """The fast NiN at 128/384/384 channels (see `_create_fast`)."""
-    return _create_fast("nin_fast_wide", **kwargs)
+    """The fast NiN at 128/384/384 channels (see `nin.fast.nin_fast`)."""
+    return NiN(*fast.nin_fast(widths=FAST_CFGS["nin_fast_wide"], **kwargs))
 
 
 def xavier_init_(model: nn.Module) -> nn.Module:
@@ -412,18 +356,6 @@ def xavier_init_(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Conv2d | nn.Linear):
             nn.init.xavier_uniform_(module.weight)
     return model
-
-
-def check_input(model: nn.Module, x: Tensor, name: str) -> None:
-    """Fail fast, in one line, if `model` (named `name`) cannot take the batch `x`."""
-    try:
-        with torch.no_grad():
-            model.eval()(x[:1])
-    except RuntimeError as e:
-        raise NinError(
-            f"model {name!r} cannot take input {tuple(x.shape[1:])} ({str(e).splitlines()[0]}); "
-            "use --resize 224 for nin_d2l, or pick a model for this size"
-        ) from None
 
 
 def count_parameters(model: nn.Module) -> int:

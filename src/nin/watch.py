@@ -4,12 +4,12 @@ reads the device once per window of steps, never once per step."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from nin.distributed import World, all_reduce
 from nin.errors import NinError
 
 
@@ -29,12 +29,13 @@ class TrainingWatch:
         stuck_steps: int,
         num_classes: int,
         device: torch.device,
-        world: World | None = None,
+        reduce: Callable[..., torch.Tensor] | None = None,
         window: int = 50,
     ) -> None:
         self.collapse_steps, self.stuck_steps = collapse_steps, stuck_steps
         self.num_classes = num_classes
-        self.world = world or World()
+        # Sums over every process under torchrun (`reduce(t, op)`, op 'sum' or 'max').
+        self.reduce = reduce or (lambda t, op="sum": t)
         self.window = max(1, min([window, *(s for s in (collapse_steps, stuck_steps) if s)]))
         # Since the last poll: largest spread of logits; loss sum, correct, non-finite losses.
         self.spread = torch.zeros((), device=device)
@@ -63,9 +64,9 @@ class TrainingWatch:
         loss was computed, and no checkpoint may hold such weights.
         """
         if self.pending:
-            spread = all_reduce(self.spread, self.world, "max").item()
+            spread = self.reduce(self.spread, "max").item()
             count = torch.tensor([float(self.count)], device=self.sums.device)
-            sums = all_reduce(torch.cat([self.sums, count]), self.world)
+            sums = self.reduce(torch.cat([self.sums, count]))
             loss, correct, nonfinite, count = sums.tolist()
             steps, self.pending, self.count = self.pending, 0, 0
             self.spread.zero_(), self.sums.zero_()
@@ -81,7 +82,7 @@ class TrainingWatch:
                 self.reason = "stuck"
         if model is not None and not self.reason:
             blown = torch.stack([~p.isfinite().all() for p in model.parameters()]).sum()
-            if all_reduce(blown, self.world).item():
+            if self.reduce(blown).item():
                 self.reason = "diverged"
         return bool(self.reason)
 
