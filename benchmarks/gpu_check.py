@@ -78,12 +78,8 @@ class Check:
     """The check's settings and every step's record; `save` writes them and the docs."""
 
     def __init__(self, args: argparse.Namespace, cuda: bool) -> None:
-        self.out, self.docs, self.smoke, self.cuda = (
-            Path(args.out),
-            Path(args.docs),
-            args.smoke,
-            cuda,
-        )
+        self.out, self.docs = Path(args.out), Path(args.docs)
+        self.smoke, self.cuda = args.smoke, cuda
         self.data_dir = data_root(args.data_dir).resolve()
         self.records: dict[str, Record] = {}
         self.started = time.monotonic()
@@ -105,11 +101,13 @@ class Check:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def run(self, command: list[str], log: Path, deadline: float) -> tuple[int | None, list[str]]:
-        """COMMAND from the repository, its output indented here and kept in LOG; killed at
-        `deadline` (then the exit status is None)."""
-        code, lines = run_process(command, deadline, "    ", cwd=REPO, env=self.env)
-        log.write_text("".join(line + "\n" for line in lines))
+    def run(
+        self, command: list[str], log: Path, deadline: float, poll: Callable | None = None
+    ) -> tuple[int | None, list[str]]:
+        """COMMAND from the repository, its output indented here and kept in LOG, `poll` called
+        as it runs; killed at `deadline` (then the exit status is None)."""
+        code, lines = run_process(command, deadline, "    ", poll, cwd=REPO, env=self.env)
+        write_log(log, lines)
         return code, lines
 
     def save(self) -> None:
@@ -170,6 +168,12 @@ def missing_data(check: Check, name: str) -> str:
     return f"{name} is not in {folder} (the check never downloads: `nin download {name}` first)"
 
 
+def write_log(path: Path, lines: list[str]) -> None:
+    """A child's output, kept for reading after the check."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+
+
 def last_error(lines: list[str]) -> str:
     """The last `nin: error:` line of a run's output, else its last line."""
     lines = [line.strip() for line in lines if line.strip()]
@@ -197,8 +201,7 @@ def train_run(
 
     args = [*args, "--data-dir", str(check.data_dir)]
     done = run_train(args, run_dir, deadline, "    ", on_epoch, cwd=REPO, env=check.env)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    run_dir.with_name(f"{run_dir.name}.log").write_text("".join(f"{x}\n" for x in done["log"]))
+    write_log(run_dir.with_name(f"{run_dir.name}.log"), done["log"])
     run.update(wall_seconds=done["wall_seconds"], killed=done["code"] is None)
     if done["code"] == 0 and "result" in (done["config"] or {}):
         run.update(finished=True, result=done["config"]["result"])
@@ -342,8 +345,7 @@ def step_speed(check: Check, record: Record, deadline: float) -> None:
             record["figures"] = figures
             check.save()
 
-    code, lines = run_process(command, deadline, "    ", poll, cwd=REPO, env=check.env)
-    (check.out / "speed.log").write_text("".join(line + "\n" for line in lines))
+    code, lines = check.run(command, check.out / "speed.log", deadline, poll)
     figures = record.get("figures") or {}
     ref = figures.get("reference")
     ours, fast = figures.get("ours"), figures.get("fast")
