@@ -43,10 +43,12 @@ class ExportResult:
     images: bool  # the input is uint8 images of any size, preprocessed in the graph
 
 
-def input_shape(config: dict[str, Any]) -> tuple[int, int, int]:
-    """(C, H, W) of the float tensor the checkpoint's model takes."""
-    side = Preprocess.for_run(config).side
-    return (config["in_channels"], side, side)
+def normalisation(config: dict[str, Any]) -> tuple[int, Any, Any]:
+    """The side of the model's input, and the mean and std it is normalised with (0 and 1
+    when it is not)."""
+    preprocess = Preprocess.for_run(config)
+    mean, std = preprocess.mean, preprocess.std
+    return preprocess.side, 0.0 if mean is None else mean, 1.0 if std is None else std
 
 
 @contextlib.contextmanager
@@ -86,12 +88,10 @@ class WithPreprocessing(nn.Module):
 
     def __init__(self, model: nn.Module, config: dict[str, Any]) -> None:
         super().__init__()
-        self.model, preprocess = model, Preprocess.for_run(config)
-        self.side, self.channels = preprocess.side, config["in_channels"]
+        self.model, self.channels = model, config["in_channels"]
+        self.side, mean, std = normalisation(config)
         # As `nin predict`: only grey pictures for a model of a built-in data set are inverted.
         self.photos = self.channels == 1 and not config.get("data")
-        mean = preprocess.mean if preprocess.mean is not None else 0.0
-        std = preprocess.std if preprocess.std is not None else 1.0
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -187,13 +187,14 @@ def export_model(
     if fmt == "onnx":
         require_onnx()
     model = model.cpu().float().eval()
-    shape = input_shape(config)
+    side, _, _ = normalisation(config)
+    shape = (config["in_channels"], side, side)
     if images:
         model = WithPreprocessing(model, config).eval()
     export = export_onnx if fmt == "onnx" else export_program
     with atomic_path(path, lambda p: check_out_path(p, force)) as tmp, quiet():
         try:
-            run, checked_with = export(model, shape, tmp, onnx_metadata(config, shape, model))
+            run, checked_with = export(model, shape, tmp, onnx_metadata(config, model))
             differences = compare(run, model, shape)
         except OSError:
             raise  # writing failed: atomic_path says so
@@ -284,24 +285,23 @@ def export_program(
     return torch.export.load(buffer).module(), f"torch {torch.__version__}"
 
 
-def onnx_metadata(
-    config: dict[str, Any], shape: tuple[int, ...], model: nn.Module | None = None
-) -> dict[str, str]:
+def onnx_metadata(config: dict[str, Any], model: nn.Module) -> dict[str, str]:
     """What a user of the exported file needs to prepare its input and read its output."""
-    preprocess = Preprocess.for_run(config)
-    given = "float32 (batch, {}, {}, {}): pixels / 255, then (x - mean) / std".format(*shape)
+    side, mean, std = normalisation(config)
+    channels = config["in_channels"]
+    given = f"float32 (batch, {channels}, {side}, {side}): pixels / 255, then (x - mean) / std"
     if isinstance(model, WithPreprocessing):
         cut = "a light-bordered picture inverted and cut to its object, " if model.photos else ""
         given = (
-            f"uint8 (batch, height, width, {shape[0]}) of any size: {cut}padded to a square on "
-            f"black, resized to {shape[1]}×{shape[2]}, scaled and normalised inside"
+            f"uint8 (batch, height, width, {channels}) of any size: {cut}padded to a square on "
+            f"black, resized to {side}×{side}, scaled and normalised inside"
         )
     return {
         "nin.model": config["model"],
         "nin.dataset": config["dataset"],
         "nin.input": given,
-        "nin.mean": json.dumps(preprocess.mean if preprocess.mean is not None else 0.0),
-        "nin.std": json.dumps(preprocess.std if preprocess.std is not None else 1.0),
+        "nin.mean": json.dumps(mean),
+        "nin.std": json.dumps(std),
         "nin.classes": json.dumps(list(classes_of(config))),
     }
 

@@ -75,9 +75,7 @@ class FolderData:
             members = members[torch.randperm(len(members), generator=generator)]
             carved.append(members[: max(1, round(fraction * len(members)))])
         val = torch.cat(carved).sort().values
-        keep = torch.ones(len(self.files), dtype=torch.bool)
-        keep[val] = False
-        return train[keep[train]], val, True
+        return train[~torch.isin(train, val)], val, True
 
 
 class CachedImages(torch.utils.data.Dataset):
@@ -141,16 +139,14 @@ def find_images(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
     class_names = sorted({d.name for top in tops for d in top.iterdir() if d.is_dir()})
     classes = tuple(c for c in class_names if not c.startswith("."))
     if len(classes) < 2:
-        where = tops[0]
         raise NinError(
-            f"{where}: {len(classes)} class folder{'s' if len(classes) != 1 else ''}; a "
+            f"{tops[0]}: {len(classes)} class folder{'s' if len(classes) != 1 else ''}; a "
             "classifier needs at least two (one subfolder of images per class)"
         )
     found = []
     for top in tops:
         for label, name in enumerate(classes):
-            folder = top / name
-            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES)
+            files = sorted(p for p in (top / name).rglob("*") if p.suffix.lower() in SUFFIXES)
             found += [(str(p.relative_to(root)), label) for p in files]
     return classes, found
 

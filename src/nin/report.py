@@ -105,16 +105,9 @@ def curves(run_dir: Path, config: dict[str, Any]) -> str:
     return f'<img alt="loss and accuracy per epoch" src="{data_uri(png)}">{last}'
 
 
-def build_report(
-    run_dir: str | os.PathLike,
-    data_dir: str | os.PathLike | None = None,
-    test_subset: int | None = None,
-    device: str | None = None,
-) -> tuple[str, str]:
-    """The HTML of the report on `run_dir`, and a one-line summary of what it found."""
-    run_dir = Path(run_dir)
-    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-    here = dict(data_dir=data_dir, test_subset=test_subset, device=device)
+def build_report(run_dir: Path, **here: Any) -> tuple[str, str]:
+    """The HTML of the report on run directory `run_dir`, evaluated now with `here` on its
+    settings (see `evaluate_checkpoint`), and a one-line summary of what it found."""
     config, _, loader, found = evaluate_checkpoint(run_dir, predictions=True, **here)
     classes, confusion = classes_of(config), found.confusion
     count, wrong = len(loader.labels), len(loader.labels) - int(confusion.trace())
@@ -160,10 +153,10 @@ def write_report(
     """Write the report on `run_dir` (default: RUN_DIR/report.html), atomically; return its
     path and a one-line summary. An existing file is replaced only with `force`, never a
     checkpoint."""
-    run = Path(run_dir)
-    path = Path(out) if out else (run if run.is_dir() else run.parent) / "report.html"
+    run = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    path = Path(out) if out else run / "report.html"
     check_out_path(path, force)  # before the evaluation, and again before the rename
-    page, summary = build_report(run_dir, data_dir, test_subset, device)
+    page, summary = build_report(run, data_dir=data_dir, test_subset=test_subset, device=device)
     with atomic_path(path, lambda p: check_out_path(p, force)) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path, summary

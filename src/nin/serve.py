@@ -21,7 +21,6 @@ Whoever connects, the server's memory and time stay bounded:
 import asyncio
 import errno
 import html
-import ipaddress
 import json
 import logging
 import socket
@@ -265,11 +264,8 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def url_of(host: str, port: int) -> str:
     """http://host:port/, with an IPv6 address in brackets."""
-    try:
-        literal = ipaddress.ip_address(host).version == 6
-    except ValueError:
-        literal = False
-    return f"http://[{host}]:{port}/" if literal else f"http://{host}:{port}/"
+    # Only an IPv6 address has a colon: a name with one would not have been bound.
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 class HeadDeadline:
