@@ -1,5 +1,5 @@
 """Writing files safely (every file nin writes appears whole or not at all), and the PNG
-encoding of figures and images that files and HTML pages share."""
+encoding of figures that files and HTML pages share (`nin.images` encodes images)."""
 
 from __future__ import annotations
 

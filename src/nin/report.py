@@ -69,12 +69,14 @@ def rounded(rows: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
 
 def per_class_rows(classes: tuple[str, ...], accs: list[float], totals: list[int]) -> str:
     """Each class's accuracy, with its number of images and a bar."""
-    return "".join(
-        f"<tr><td>{html.escape(name)}</td><td class='num'>{class_acc:.3f}</td>"
-        f'<td class=\'num\'>{total}</td><td><div class="bar" style="width:'
-        f'{200 * class_acc:.0f}px"></div></td></tr>'
-        for name, class_acc, total in zip(classes, accs, totals, strict=True)
-    )
+    rows = []
+    for name, class_acc, total in zip(classes, accs, totals, strict=True):
+        bar = f'<div class="bar" style="width:{200 * class_acc:.0f}px"></div>'
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td class='num'>{class_acc:.3f}</td>"
+            f"<td class='num'>{total}</td><td>{bar}</td></tr>"
+        )
+    return "".join(rows)
 
 
 def mistakes(loader: DeviceLoader, found: Evaluation, classes: tuple[str, ...]) -> str:
