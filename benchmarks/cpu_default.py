@@ -9,13 +9,11 @@ speed-up is a ratio measured on one machine at one time. Not a test: it takes mi
 
 from __future__ import annotations
 
-import argparse
 import time
-from datetime import date
 from typing import Any
 
 import torch
-from report import dropout, fill, machine, write_section
+from report import dropout, fill, machine, script_parser, today, write_section
 from torch import nn
 
 from nin.config import make_config
@@ -72,7 +70,7 @@ def render(config: Any, result: dict[str, Any], wall: float, naive: float, steps
     )
     speed = result["examples_per_sec"]
     return fill(
-        "cpu_default", "section", date=f"{date.today():%Y-%m-%d}", machine=machine(),
+        "cpu_default", "section", date=today(), machine=machine(),
         device=result["device"], config=config, dropout=dropout(config.model, config.model_kwargs),
         augmentation=augmentation(config), tta=TTA_LEVELS[config.tta], amp=on(config.amp),
         channels_last=on(config.channels_last), rows=rows, result=result, speed=speed, wall=wall,
@@ -82,10 +80,8 @@ def render(config: Any, result: dict[str, Any], wall: float, naive: float, steps
 
 def main() -> None:
     """Train the default preset once, time the naive loop after it, and write the section."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir")
+    parser = script_parser(__doc__, "docs/benchmarks.md")
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--naive-steps", type=int, default=60)
     args = parser.parse_args()
     # A fresh run directory each time: `nin train` never overwrites one that holds a run.

@@ -11,14 +11,12 @@ it takes two minutes or so.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from datetime import date
 from typing import Any
 
 import torch
-from report import fill, machine, write_section
+from report import fill, machine, script_parser, today, write_section
 from torch import nn
 
 from nin.data import Preprocess, dataset_spec, load_split
@@ -127,11 +125,9 @@ def verdict(speeds: dict[str, float]) -> str:
 
 def main() -> None:
     """Time every setting, interleaved, and evaluation in both modes; write the section."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir")
+    parser = script_parser(__doc__, "docs/benchmarks.md")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--out", default="docs/benchmarks.md")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     data = {cl: batches(args.data_dir, 256, cl) for cl in (False, True)}
@@ -150,7 +146,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     evals = {mode: eval_speed(args.data_dir, mode) for mode in ("no_grad", "inference_mode")}
     text = fill(
-        "cpu_switches", "section", date=f"{date.today():%Y-%m-%d}", machine=machine(),
+        "cpu_switches", "section", date=today(), machine=machine(),
         timed=args.steps // args.rounds * args.rounds, rounds=args.rounds, rows="\n".join(rows),
         verdict=verdict(speeds), **evals,
     )  # fmt: skip

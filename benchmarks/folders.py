@@ -13,7 +13,6 @@ The section `folders` of docs/benchmarks.md is rewritten with the figures.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from report import fill, listed, machine, write_section
+from report import fill, listed, machine, script_parser, today, write_section
 
 from nin.config import make_config
 from nin.data import dataset_spec, load_split
@@ -69,8 +68,7 @@ def throughput(root: Path, loader: str, steps: int, batch_size: int) -> float:
 
 def main() -> None:
     """Measure and write the section."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", help="where cifar-10/ is (default: $NIN_DATA_DIR)")
+    parser = script_parser(__doc__)
     parser.add_argument("--images", type=int, default=10000, help="PNG files to write")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per trial")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -88,7 +86,7 @@ def main() -> None:
                 speeds[loader].append(throughput(root, loader, args.steps, args.batch_size))
     resident, stream = (statistics.median(v) for v in speeds.values())
     section = fill(
-        "folders", "section", machine=machine(), date=time.strftime("%Y-%m-%d"), images=args.images,
+        "folders", "section", machine=machine(), date=today(), images=args.images,
         cold=cold, cold_speed=args.images / cold, cached=cached, cached_speed=args.images / cached,
         batch_size=args.batch_size, steps=args.steps, trials=args.trials, resident=resident,
         stream=stream, ratio=stream / resident,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shlex
 import shutil
@@ -45,7 +44,6 @@ import time
 import traceback
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,14 +53,18 @@ from report import (
     fill,
     machine,
     mean_std,
+    read_json,
     run_process,
     run_train,
+    script_parser,
     time_to,
+    today,
     write_readme_results,
     write_section,
 )
 
 from nin.data import DATASETS, data_root
+from nin.exercises.common import plural
 from nin.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +87,7 @@ class Check:
         self.started = time.monotonic()
         self.render_failed = False  # the docs could not be written once: the check fails
         self.info = {
-            "date": f"{date.today():%Y-%m-%d}",
+            "date": today(),
             "machine": machine() + (f", CUDA {torch.version.cuda}" if cuda else ""),
             "gpu": torch.cuda.get_device_name() if cuda else None,
             "torch": torch.__version__,
@@ -145,12 +147,7 @@ def write_docs(summary: dict[str, Any], where: Path, readme: bool) -> None:
 def report(page: Path) -> None:
     """The sections "gpu-check" of PAGE's folder (docs/) and the README's row of the chapter's
     setting, from the committed figures beside that folder (`--render`)."""
-    write_docs(json.loads((page.parent.parent / SAVED).read_text()), page.parent, True)
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file's value (written whole, atomically), or None if there is none."""
-    return json.loads(path.read_text()) if path.is_file() else None
+    write_docs(read_json(page.parent.parent / SAVED), page.parent, True)
 
 
 def missing_data(check: Check, name: str) -> str:
@@ -430,11 +427,6 @@ def longer_epochs(check: Check, preset: Record, deadline: float) -> int:
     return epochs if epochs > done else 0
 
 
-def plural(n: int, word: str) -> str:
-    """'1 epoch', '2 epochs'."""
-    return f"{n} {word}{'s' * (n != 1)}"
-
-
 def cifar_line(runs: list[Record]) -> str:
     """Time to each target (the first run that reached it) and each run's final accuracy."""
     parts = []
@@ -513,12 +505,11 @@ def speed_row(speed: dict[str, Any], key: str) -> str:
         return f"| {label} | not measured | | | | | |"
     memory = f"{run['peak_memory'] / 2**30:.2f} GiB" if run["peak_memory"] else "–"
     util = mfu(speed, run)
-    ratio = run["images_per_sec"] / speed["reference"]["images_per_sec"]
-    return (
-        f"| {label} | {run['images_per_sec']:,.0f} | {run['test_acc']:.4f} | {memory} | "
-        f"{f'{util:.1%}' if util is not None else 'peak unknown'} | {ratio:.1f}× | "
-        f"{run['command']} |"
-    )
+    return fill(
+        "gpu_check", "speed_row", label=label, run=run, memory=memory,
+        mfu=f"{util:.1%}" if util is not None else "peak unknown",
+        ratio=run["images_per_sec"] / speed["reference"]["images_per_sec"],
+    )  # fmt: skip
 
 
 def render_benchmarks(summary: dict[str, Any]) -> str:
@@ -541,16 +532,12 @@ def render_benchmarks(summary: dict[str, Any]) -> str:
         for t in tests.get("tests", [])
     )
     return fill(
-        "gpu_check",
-        "benchmarks",
-        header=header(summary),
-        steps=steps,
+        "gpu_check", "benchmarks", header=header(summary), steps=steps, flops=flops,
         images=f"{speed['reference']['images']:,}" if speed.get("reference") else "all 60,000",
-        flops=flops,
         speed="\n".join(speed_row(speed, key) for key in SPEED_ROWS),
         command=tests.get("command", "python -m pytest -m cuda tests/test_cuda.py"),
         tests=test_rows or "| not run | |",
-    )
+    )  # fmt: skip
 
 
 def chapter_rows(chapter: Record | None) -> list[str]:
@@ -561,27 +548,17 @@ def chapter_rows(chapter: Record | None) -> list[str]:
         history = run.get("history", [])
         result = run.get("result") or (history[-1] if history else None)
         if "collapsed" in run.get("error", ""):
-            rows.append(
-                f"| ours, seed {run['seed']} | collapsed: {run['error']} | | | | | "
-                f"`{run['command']}` |"
-            )
+            rows.append(fill("gpu_check", "collapsed_row", run=run))
         elif result:
             state = "" if run["finished"] else f" (stopped after {len(history)} epochs)"
-            rows.append(
-                f"| ours, seed {run['seed']}{state} | {result['loss']:.3f} | "
-                f"{result['train_acc']:.3f} | {result['test_acc']:.3f} | "
-                f"{result['examples_per_sec']:,.0f} | {seconds(run.get('wall_seconds'))} | "
-                f"`{run['command']}` |"
-            )
+            wall = seconds(run.get("wall_seconds"))
+            rows.append(fill("gpu_check", "seed_row", run=run, state=state, r=result, wall=wall))
     if not rows:
         rows.append(f"| ours | {outcome(chapter)} | | | | | `nin train --preset d2l` |")
     finished = [r for r in runs if r.get("finished")]
     if len(finished) > 1:
         m = chapter_means(finished)
-        rows.append(
-            f"| ours, mean ± std of {len(finished)} seeds | {m['loss']} | {m['train_acc']} | "
-            f"{m['test_acc']} | {m['examples_per_sec']} | {m['wall_seconds']} s | |"
-        )
+        rows.append(fill("gpu_check", "mean_row", seeds=len(finished), m=m))
     return rows
 
 
@@ -605,25 +582,17 @@ def render_results(summary: dict[str, Any]) -> str:
     chapter, cifar = records.get("chapter"), records.get("cifar10")
     runs = (chapter or {}).get("figures", {}).get("runs", [])
     last = [r for r in runs if r.get("finished")][-1:]
-    epochs = "\n".join(
-        f"| {h['epoch']} | {h['loss']:.3f} | {h['train_acc']:.3f} | {h['test_acc']:.3f} | "
-        f"{h['examples_per_sec']:,.0f} |"
-        for h in (last[0]["history"] if last else [])
-    )
+    history = last[0]["history"] if last else []
+    epochs = "\n".join(fill("gpu_check", "epoch_row", h=h) for h in history)
     cifar_runs = (cifar or {}).get("figures", {}).get("runs", [])
     cifar_rows = "\n".join(cifar_row(r) for r in cifar_runs if r.get("command"))
     return fill(
-        "gpu_check",
-        "results",
-        header=header(summary),
-        chapter_outcome=outcome(chapter),
-        book=CHAPTER,
-        ours="\n".join(chapter_rows(chapter)),
-        which=f"seed {last[0]['seed']}" if last else "no finished run",
+        "gpu_check", "results", header=header(summary), chapter_outcome=outcome(chapter),
+        book=CHAPTER, ours="\n".join(chapter_rows(chapter)),
         epochs=epochs or "| not measured | | | | |",
-        cifar_outcome=outcome(cifar),
-        cifar=cifar_rows or "| not measured | | | | | | | |",
-    )
+        which=f"seed {last[0]['seed']}" if last else "no finished run",
+        cifar_outcome=outcome(cifar), cifar=cifar_rows or "| not measured | | | | | | | |",
+    )  # fmt: skip
 
 
 # --- the check ---------------------------------------------------------------------------------
@@ -710,10 +679,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def main() -> int:
     """Parse the command line; run the check, or render the docs from the committed figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)"
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--out", default="runs/gpu-check", help="default runs/gpu-check")
     parser.add_argument("--docs", default="docs", help="where benchmarks.md and results.md are")
     parser.add_argument("--budget", type=float, default=480, help="seconds in all (default 480)")

@@ -27,19 +27,17 @@ The GPU check (gpu_check.py) runs its speed step as `--check-speed JSON`: the re
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from report import fill, machine, write_section
+from report import fill, machine, read_json, script_parser, today, write_section
 from torch import nn
 
 from nin.config import make_config
@@ -72,12 +70,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU, so wall-clock times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class TextbookDataset(torch.utils.data.Dataset):
@@ -132,7 +124,8 @@ def reference(
             # d2l's Accumulator: metrics read back to the host after every batch.
             total_loss += loss.item() * len(y)
             correct += (y_hat.argmax(1) == y).sum().item()
-        synchronize(device)
+        if device.type == "cuda":  # wait for the GPU, so the epoch's time is real
+            torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
     model.eval()
     right = 0
@@ -246,7 +239,7 @@ OURS = {
 def placeholder() -> str:
     """The GPU section when no GPU has run this script: every row says so."""
     rows = [f"| {p} |" + " not measured |" * CELLS for p in PIPELINES.values()]
-    return fill("gpu_speed", "placeholder", date=f"{date.today():%Y-%m-%d}", rows="\n".join(rows))
+    return fill("gpu_speed", "placeholder", date=today(), rows="\n".join(rows))
 
 
 def render(figures: dict) -> str:
@@ -291,7 +284,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
     epochs = 2 if args.smoke else args.epochs
     small = {"train_subset": subset, "test_subset": subset} if subset else {}
     figures = {
-        "date": f"{date.today():%Y-%m-%d}",
+        "date": today(),
         "machine": machine(),
         "smoke": args.smoke,
         "images": subset,
@@ -370,15 +363,13 @@ def check_speed(args: argparse.Namespace) -> None:
         keep(name, run, command)
 
 
-def parse_args() -> argparse.Namespace:
-    """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir")
+def main() -> None:
+    """Measure every pipeline and write the section; or write it from saved figures."""
+    parser = script_parser(__doc__, "docs/benchmarks.md")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--collapse-seeds", type=int, default=10)
     parser.add_argument("--collapse-epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--out", default="docs/benchmarks.md")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, any device, print only")
     parser.add_argument("--placeholder", action="store_true", help="write a not-measured section")
     parser.add_argument(
@@ -393,12 +384,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--check-speed", type=Path, metavar="JSON", help="the GPU check's speed step, into JSON"
     )
-    return parser.parse_args()
-
-
-def main() -> None:
-    """Measure every pipeline and write the section; or write it from saved figures."""
-    args = parse_args()
+    args = parser.parse_args()
     if args.check_speed:
         return check_speed(args)
     if args.placeholder:
@@ -406,9 +392,9 @@ def main() -> None:
         print(f"wrote the gpu section of {args.out} (not measured)")
         return
     if args.render:
-        if not args.render.is_file():
+        if not (figures := read_json(args.render)):
             raise SystemExit(f"{args.render} not found: run the benchmark on a GPU first")
-        write_section(args.out, "gpu", render(json.loads(args.render.read_text())))
+        write_section(args.out, "gpu", render(figures))
         print(f"wrote the gpu section of {args.out} from {args.render}")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

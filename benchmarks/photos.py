@@ -16,9 +16,7 @@ Takes under a minute on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -26,7 +24,7 @@ from unittest import mock
 import numpy as np
 import torch
 from PIL import Image
-from report import fill, machine, write_section
+from report import fill, machine, read_json, script_parser, write_section
 
 from nin import images, predict
 from nin.data import load_split
@@ -108,16 +106,14 @@ def render(summary: dict[str, Any]) -> str:
 
 def report(page: Path) -> None:
     """The section "photos" of PAGE from the committed figures (`--render`)."""
-    write_section(page, "photos", render(json.loads(SAVED.read_text())))
+    write_section(page, "photos", render(read_json(SAVED)))
 
 
 def main() -> None:
     """Make the canvases, classify them three ways, write the section and the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir")
+    parser = script_parser(__doc__, "docs/using.md")
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="docs/using.md")
     parser.add_argument("--render", action="store_true", help=f"the section from {SAVED} only")
     args = parser.parse_args()
     if args.render:

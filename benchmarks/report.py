@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,27 @@ def dropout(model: str, model_kwargs: dict[str, Any]) -> float:
     """A run's dropout: its model kwargs' value, else the model builder's own default."""
     default = inspect.signature(model_info(model).build).parameters["dropout"].default
     return model_kwargs.get("dropout", default)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's value (written whole, atomically), or None if there is none."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def today() -> str:
+    """Today's date, as a section's header gives it."""
+    return f"{date.today():%Y-%m-%d}"
+
+
+def script_parser(doc: str, out: str | None = None) -> argparse.ArgumentParser:
+    """A script's command line: --data-dir and (OUT given) --out, the page it writes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument(
+        "--data-dir", help="data directory (default: $NIN_DATA_DIR or ~/.cache/nin)"
+    )
+    if out:
+        parser.add_argument("--out", default=out)
+    return parser
 
 
 def machine() -> str:
@@ -199,8 +220,7 @@ def run_train(
 
     command = [sys.executable, "-m", "nin", "train", *args, "--out", str(out)]
     code, log = run_process(command, deadline, echo, poll, **popen)
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    config = read_json(out / "config.json")
     run.update(wall_seconds=time.monotonic() - start, config=config, code=code, log=log)
     if code == 0 and config and "result" in config:
         run["startup_seconds"] = run["wall_seconds"] - config["result"]["wall_seconds"]
@@ -231,8 +251,7 @@ class Records:
 
     def load(self, name: str) -> dict[str, Any] | None:
         """A saved run, or None if it has not been run."""
-        path = self.folder / f"{name}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json(self.folder / f"{name}.json")
 
     def seeds(self, prefix: str) -> list[dict[str, Any]]:
         """The runs PREFIX-s0, PREFIX-s1, ... in seed order, until one is missing."""
@@ -309,11 +328,9 @@ def stage_parser(
 ) -> argparse.ArgumentParser:
     """The command line of a script in stages: --stages (`report` renders from the records),
     --data-dir and --out, the page it writes."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser = script_parser(doc, out)
     choices = [*stages, "report"]
     parser.add_argument("--stages", nargs="+", default=default or ["report"], choices=choices)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--out", default=out)
     return parser
 
 
@@ -356,7 +373,7 @@ def score_tta_levels(
 
 def gpu_chapter_cell(summary_path: Path = Path("results/gpu-check/summary.json")) -> str:
     """The chapter's setting as `make gpu-check` last measured it (results/gpu-check/)."""
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_json(summary_path) or {}
     chapter = next((s for s in summary.get("steps", []) if s["name"] == "chapter"), {})
     runs = [r for r in chapter.get("figures", {}).get("runs", []) if r.get("finished")]
     if not runs:

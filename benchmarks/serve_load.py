@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from report import fill, machine, write_section
+from report import fill, machine, today, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 BOUNDARY = "nin-load-boundary"
@@ -266,7 +265,7 @@ def render(result: LoadResult, settings: str, busy: str) -> str:
         "serve_load",
         "section",
         settings=settings,
-        date=datetime.date.today().isoformat(),
+        date=today(),
         machine=machine(),
         busy=busy,
         rows="\n".join(rows),
