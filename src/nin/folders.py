@@ -123,10 +123,6 @@ class CachedImages(torch.utils.data.Dataset):
         """Streamed images stay on the disk; batches move to the device one at a time."""
         return self
 
-    def cpu(self) -> CachedImages:
-        """Already on the host (see `to`)."""
-        return self
-
 
 def find_images(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
     """The class names and every image file under `root` (path under root, class index)."""
