@@ -147,8 +147,7 @@ def ours(preset: str, data_dir: str | None, device: torch.device, **overrides: A
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    settings: dict = {"collapse_steps": 0, "stuck_steps": 0}
-    settings.update(overrides)
+    settings = {"collapse_steps": 0, "stuck_steps": 0} | overrides
     with tempfile.TemporaryDirectory() as tmp:
         config = make_config(preset, data_dir=data_dir, device=str(device), out=tmp, **settings)
         result = train(config, log=lambda line: None)

@@ -45,7 +45,7 @@ from report import (
     write_section,
 )
 
-from nin.files import atomic_path, write_json
+from nin.files import write_json
 
 RECORDS = Records(Path("results/mnist"), "mnist")
 SEEDS = (0, 1, 2, 3, 4)
@@ -100,14 +100,9 @@ def gpu_select_name(name: str, seed: int) -> str:
     return f"select-gpu-{name}-s{seed}"
 
 
-def val_error(row: dict[str, Any]) -> float:
-    """Validation error % of a holdout run."""
-    return 100 * (1 - row["result"]["val_acc"])
-
-
-def test_error(row: dict[str, Any]) -> float:
-    """Test error % of a run."""
-    return 100 * (1 - row["result"]["test_acc"])
+def error(row: dict[str, Any], split: str = "test") -> float:
+    """Test error % of a run (validation error, SPLIT "val", of a holdout run)."""
+    return 100 * (1 - row["result"][f"{split}_acc"])
 
 
 def round_errors(
@@ -123,7 +118,7 @@ def round_errors(
             f"{', '.join(failed)} failed (its JSON in {RECORDS.folder} says why): delete the JSON "
             "and its run folder to run it again"
         )
-    return [val_error(r) for r in runs]
+    return [error(r, "val") for r in runs]
 
 
 GPU = (GPU_ROUND, GPU_SEEDS, gpu_select_name)
@@ -252,7 +247,7 @@ def mnist_row(label: str, seeds: list[dict[str, Any]]) -> str:
     """An MNIST row of the table: mean ± std over the seeds, command, machine, time, speed."""
     if not seeds:
         return f"| {label} | 0.47 | not run yet | `nin train --preset mnist` | | | |"
-    errors = [test_error(r) for r in seeds]
+    errors = [error(r) for r in seeds]
     command = seeds[0]["command"].replace("--seed 0", "--seed {" + f"0..{len(seeds) - 1}" + "}")
     wall = statistics.mean(r["wall_seconds"] for r in seeds) / 60
     speed = statistics.mean(r["result"]["examples_per_sec"] for r in seeds)
@@ -266,7 +261,7 @@ def mnist_verdict(seeds: list[dict[str, Any]]) -> str:
     """Every seed against the bar, and the mean against the paper by a one-sided t-test."""
     if len(seeds) < 2:
         return ""
-    errors = [test_error(r) for r in seeds]
+    errors = [error(r) for r in seeds]
     t, p = t_test(errors, PAPER, alternative="less")
     return fill(
         "results", "verdict", under=sum(e <= BAR for e in errors), seeds=len(errors), bar=BAR,
@@ -278,7 +273,7 @@ def select_rows(runs: dict[str, list[dict[str, Any]]], columns: int) -> str:
     """A row for each candidate run: its validation error on each seed, their mean, time, speed."""
     rows = []
     for name, seeds in runs.items():
-        errors = [val_error(r) for r in seeds]
+        errors = [error(r, "val") for r in seeds]
         cells = [f"{e:.2f}" for e in errors] + [""] * (columns - len(seeds))
         wall = statistics.mean(r["wall_seconds"] for r in seeds) / 60
         speed = statistics.mean(r["result"]["examples_per_sec"] for r in seeds)
@@ -342,9 +337,6 @@ def report(out: Path, readme: Path = Path("README.md")) -> None:
         params=f"{seeds[0]['parameters']:,} parameters" if seeds else "not measured yet",
         **gpu_round_prose(choice),
     )  # fmt: skip
-    if not out.exists():
-        with atomic_path(out) as tmp:
-            tmp.write_text("# The paper's table, and ours\n")
     write_section(out, "results", text)
     print(f"wrote {out}")
     write_readme_results(readme)

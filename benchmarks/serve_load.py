@@ -69,14 +69,6 @@ class LoadResult:
     rss_idle_mib: float = 0.0
     rss_peak_mib: float = 0.0
 
-    def statuses(self, kind: str | None = None) -> Counter:
-        """How often each status came back (of one kind, or of all)."""
-        return Counter(o.status for o in self.outcomes if kind in (None, o.kind))
-
-    def server_errors(self) -> list[Outcome]:
-        """Answers of 500 and up, or none at all (a reset or a hang)."""
-        return [o for o in self.outcomes if o.status >= 500 or o.status == 0]
-
 
 def multipart(data: bytes, name: str) -> bytes:
     """A form with one file field, as a browser sends it."""
@@ -250,7 +242,8 @@ def render(result: LoadResult, settings: str, busy: str) -> str:
     rows = []
     for kind in WEIGHTS:
         times = [o.seconds for o in result.outcomes if o.kind == kind]
-        statuses = ", ".join(f"{s}×{n}" for s, n in sorted(result.statuses(kind).items()))
+        seen = Counter(o.status for o in result.outcomes if o.kind == kind)
+        statuses = ", ".join(f"{s}×{n}" for s, n in sorted(seen.items()))
         rows.append(
             f"| {kind} ({WEIGHTS[kind]}) | {EXPECTED[kind]} | {len(times)} | {statuses or '–'} | "
             f"{percentile(times, 50)} | {percentile(times, 99)} |"
@@ -260,7 +253,8 @@ def render(result: LoadResult, settings: str, busy: str) -> str:
         f"| all but slow senders | | {len(quick)} | | {percentile(quick, 50)} | "
         f"{percentile(quick, 99)} |"
     )
-    errors = result.server_errors()
+    # Answers of 500 and up, or none at all (a reset or a hang).
+    errors = [o for o in result.outcomes if o.status >= 500 or o.status == 0]
     return fill(
         "serve_load",
         "section",
