@@ -63,11 +63,7 @@ def naive_epoch_speed(data_dir: str | None, batch_size: int, steps: int) -> floa
 
 def render(config: Any, result: dict[str, Any], wall: float, naive: float, steps: int) -> str:
     """The section from one run of `train()` and the naive loop's speed over STEPS steps."""
-    rows = "\n".join(
-        f"| {r['epoch']} | {r['epoch_seconds']:.1f} | {r['examples_per_sec']:.0f} "
-        f"| {r['loss']:.3f} | {r['train_acc']:.4f} | {r['test_acc']:.4f} |"
-        for r in result["history"]
-    )
+    rows = "\n".join(fill("cpu_default", "row", r=r) for r in result["history"])
     speed = result["examples_per_sec"]
     return fill(
         "cpu_default", "section", date=today(), machine=machine(),

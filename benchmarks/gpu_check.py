@@ -155,13 +155,11 @@ def missing_data(check: Check, name: str) -> str:
     it can)."""
     spec = DATASETS[name]
     folder = check.data_dir / (spec.folder or name)
-    if spec.unpacks_to:
-        unpacked = folder / spec.unpacks_to
-        files = [unpacked / f for split in spec.split_files.values() for f in split]
-        if all(f.is_file() for f in files) or (folder / spec.files["archive"][0]).is_file():
+    # Its files as downloaded (the IDX files, or CIFAR-10's archive), or the archive unpacked.
+    unpacked = [folder / spec.unpacks_to / f for split in spec.split_files.values() for f in split]
+    for files in ([folder / f for f, _ in spec.files.values()], unpacked):
+        if files and all(f.is_file() for f in files):
             return ""
-    elif all((folder / f).is_file() for f, _ in spec.files.values()):
-        return ""
     return f"{name} is not in {folder} (the check never downloads: `nin download {name}` first)"
 
 
@@ -233,8 +231,10 @@ def step_chapter(check: Check, record: Record, deadline: float) -> None:
     finished = [r for r in runs if r["finished"]]
     collapses = [str(r["seed"]) for r in runs if "collapsed" in r.get("error", "")]
     if finished:
+        means = chapter_means(finished)
         collapsed = f"; collapsed with seed {', '.join(collapses)}" if collapses else ""
-        record["why"] = chapter_line(finished) + collapsed
+        line = fill("gpu_check", "chapter_line", seeds=plural(len(finished), "seed"), m=means)
+        record["why"] = line + collapsed
     elif collapses and len(collapses) == len(runs):
         record["why"] = f"collapsed with every seed tried ({', '.join(collapses)})"
     elif runs[-1]["killed"]:
@@ -258,16 +258,6 @@ def chapter_means(finished: list[Record]) -> dict[str, str]:
     means["examples_per_sec"] = mean_std([r["examples_per_sec"] for r in results], 0)
     means["wall_seconds"] = mean_std([r["wall_seconds"] for r in finished], 0)
     return means
-
-
-def chapter_line(finished: list[Record]) -> str:
-    """The finished chapter runs in one line: each figure as mean ± std over the seeds."""
-    m = chapter_means(finished)
-    return (
-        f"{plural(len(finished), 'seed')}: loss {m['loss']}, train acc {m['train_acc']}, test "
-        f"acc {m['test_acc']}, {m['examples_per_sec']} examples/s, {m['wall_seconds']} s end to "
-        "end"
-    )
 
 
 # --- 2. the CUDA tests -------------------------------------------------------------------------

@@ -166,8 +166,8 @@ def run_all(
         }
     failed = []
     for name, future in futures.items():
-        if error := future.exception():
-            failed.append(f"{name} ({error})")
+        if raised := future.exception():
+            failed.append(f"{name} ({raised})")
         elif "error" in future.result()["result"]:
             failed.append(name)
     if failed:
