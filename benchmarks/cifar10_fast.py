@@ -66,9 +66,7 @@ LONG_EPOCHS = 27
 
 def stage_select(args: argparse.Namespace) -> None:
     """Each candidate on the validation split; the test split is not read."""
-    for name, options in CANDIDATES.items():
-        if not args.only or name in args.only:
-            RECORDS.run_holdout(f"select-{name}", options, HOLDOUT, (0, 1, 2), args.data_dir)
+    RECORDS.run_candidates(CANDIDATES, HOLDOUT, (0, 1, 2), args)
 
 
 def stage_final(args: argparse.Namespace) -> None:

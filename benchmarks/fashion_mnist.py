@@ -89,10 +89,7 @@ def chosen() -> list[str]:
 
 def stage_select(args: argparse.Namespace) -> None:
     """Each candidate on the validation split; the test split is not read."""
-    for name, options in CANDIDATES.items():
-        if not args.only or name in args.only:
-            row = RECORDS.run_holdout(f"select-{name}", options, HOLDOUT, TTA_LEVELS, args.data_dir)
-            print(name, row["val_acc_by_tta"], f"{row['wall_seconds']:.0f} s", flush=True)
+    RECORDS.run_candidates(CANDIDATES, HOLDOUT, TTA_LEVELS, args)
 
 
 def stage_final(args: argparse.Namespace) -> None:

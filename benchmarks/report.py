@@ -307,20 +307,21 @@ class Records:
         """Write a run's record (again) as its NAME.json."""
         write_json(self.folder / f"{row['name']}.json", row)
 
-    def run_holdout(
-        self,
-        name: str,
-        args: list[str],
-        holdout: int,
-        levels: tuple[int, ...],
-        data_dir: str | None,
-    ) -> dict[str, Any]:
-        """NAME trained on all but the last HOLDOUT training images, its final weights scored on
-        those at each test-time augmentation level (`val_acc_by_tta`); the test split unread."""
-        row = self.run(name, [*args, "--holdout", str(holdout)], data_dir)
-        row["val_acc_by_tta"] = score_tta_levels(row, self.preset, holdout, levels, data_dir)
-        self.save(row)
-        return row
+    def run_candidates(
+        self, candidates: dict[str, list[str]], holdout: int, levels: tuple[int, ...], args: Any
+    ) -> None:
+        """select-NAME: each candidate's options (those ARGS.only names, if any) trained on all
+        but the last HOLDOUT training images, its final weights scored on those at each
+        test-time augmentation level (`val_acc_by_tta`); the test split unread."""
+        for name, options in candidates.items():
+            if args.only and name not in args.only:
+                continue
+            row = self.run(f"select-{name}", [*options, "--holdout", str(holdout)], args.data_dir)
+            row["val_acc_by_tta"] = score_tta_levels(
+                row, self.preset, holdout, levels, args.data_dir
+            )
+            self.save(row)
+            print(name, row["val_acc_by_tta"], f"{row['wall_seconds']:.0f} s", flush=True)
 
 
 def stage_parser(
