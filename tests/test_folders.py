@@ -16,9 +16,9 @@ from PIL import Image
 import nin.folders
 from nin.cli import main
 from nin.config import make_config
-from nin.data import DeviceLoader, Preprocess, dataset_spec, load_split
+from nin.data import Preprocess, dataset_spec, load_split
 from nin.folders import load_folder
-from nin.loaders import make_loader
+from nin.loaders import DeviceLoader, make_loader
 from nin.models import create_model
 from nin.train import train_step
 from tests.conftest import SHARED_DATA
