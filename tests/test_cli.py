@@ -85,9 +85,9 @@ def test_resources_prints_analytic_beside_measured():
     assert "USDT" not in out
 
 
-def test_exercises_writes_its_readme(tmp_path):
-    result = nin("exercises", "linear", "--out", str(tmp_path))
-    assert result.stdout.strip() == str(tmp_path / "README.md")
+def test_exercises_prints_the_answer_and_writes_its_readme_when_asked(tmp_path):
+    result = nin("exercises", "linear", "--out", str(tmp_path))  # --out implies --write
+    assert result.stdout.startswith("## Idea: a 1×1 convolution is a fully connected layer per")
     readme = (tmp_path / "README.md").read_text()
-    assert "## Idea: a 1×1 convolution is a fully connected layer per pixel" in readme
+    assert readme.endswith(result.stdout)  # the printed answer is the page's section
     assert "`nin exercises linear --seeds 3`" in readme

@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,17 +37,28 @@ def tiny(monkeypatch):
 
 def run(names, tmp_path, data_dir, seeds=1):
     lines = []
-    readme = ex.run_exercises(names, tmp_path, seeds, data_dir=str(data_dir), log=lines.append)
-    return readme.read_text(), lines
+    answer = ex.run_exercises(names, tmp_path, seeds, data_dir=str(data_dir), log=lines.append)
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.endswith(answer + "\n")  # what is printed is the page's section
+    return readme, lines
 
 
 def test_linear_shows_conv1x1_equals_linear_and_spec_counts(tmp_path):
-    readme = ex.run_exercises(["linear"], tmp_path, log=lambda line: None).read_text()
+    ex.run_exercises(["linear"], tmp_path, log=lambda line: None)
+    readme = (tmp_path / "README.md").read_text()
     results = json.loads((tmp_path / "linear.json").read_text())["results"]
     assert results["max_abs_difference"] < 1e-5
     assert results["conv3_weights"] == 512 * 4096 * 3 * 3  # ≈ 18.9 M
     assert results["dense_weights"] == 512 * 7 * 7 * 4096  # ≈ 102.8 M
     assert "18.9 M vs 102.8 M" in readme and "nin exercises linear --seeds 3" in readme
+
+
+def test_an_answer_is_printed_and_nothing_written_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    answer = ex.run_exercises(["linear"], log=lambda line: None)
+    assert answer.startswith("## Idea: a 1×1 convolution is a fully connected layer per pixel\n")
+    assert "18.9 M vs 102.8 M" in answer
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resources_section_reports_the_chapter_network(tmp_path, tiny, data_dir):
@@ -102,12 +112,12 @@ def test_reduction_counts_runs_at_chance_over_seeds(tmp_path, monkeypatch):
     monkeypatch.setattr(reduction, "fit_seeds", fake_fit_seeds)
     monkeypatch.setattr(reduction, "dead_class_channels", lambda model, config: 0)
     assert reduction.at_chance([0.1, 0.5, 0.149, 0.15, 0.0999]) == 3  # below 15% is chance
-    ctx = ex.Context(TINY, 3, tmp_path, log=lambda line: None)
-    results = reduction.run_reduction(ctx)
+    ctx = ex.Context(TINY, 3, log=lambda line: None)
+    results = reduction.run(ctx)
     assert {label: r["at_chance"] for label, r in results.items()} == {
         "direct": 2, "gradual": 1, "late": 0, "dense": 0, "no final ReLU": 0, "batch norm": 0
     }  # fmt: skip
-    text = reduction.render_reduction(results, ctx)
+    text = reduction.render(results, ctx)
     assert "| 2 of 3 |" in text and "| 1 of 3 |" in text
     assert "0 dead class maps in all and 2 of 3 runs at chance" in text
     # A chapter block with chance runs failed: the changes without any are named.
@@ -142,16 +152,16 @@ def test_readme_is_rebuilt_from_the_saved_results(tmp_path):
     saved["results"]["max_abs_difference"] = 0.5  # the README shows what the results say
     (tmp_path / "linear.json").write_text(json.dumps(saved))
     (tmp_path / "README.md").unlink()
-    text = ex.run_exercises([], tmp_path, rebuild=True).read_text()
+    text = ex.write_readme(tmp_path).read_text()
     assert "**5.00e-01**" in text and "float32 rounding" not in text
     (tmp_path / "linear.json").write_text("{broken")
-    with pytest.raises(NinError, match="rerun `nin exercises linear`"):
+    with pytest.raises(NinError, match="rerun `nin exercises linear --write`"):
         ex.write_readme(tmp_path)
 
 
 def test_rebuild_without_results_is_refused(tmp_path):
     with pytest.raises(NinError, match="no saved exercise results"):
-        ex.run_exercises([], tmp_path, rebuild=True)
+        ex.write_readme(tmp_path)
 
 
 def test_bad_arguments_are_refused(tmp_path):
@@ -180,11 +190,11 @@ def test_statistics_helpers():
 
 
 def test_chapter_recipe_runs_in_fp32_and_says_so():
-    ctx = common.Context(common.SCALES["cpu"], 3, Path("."))
+    ctx = common.Context(common.SCALES["cpu"], 3)
     chapter = common.recipe_config(ctx, "chapter", "reduction")
     compact = common.recipe_config(ctx, "compact", "pointwise")
     assert not chapter.amp and chapter.channels_last  # a layout, not a precision
     assert compact.amp and compact.channels_last
     assert "the chapter's recipe in fp32," in common.scale_line(ctx, "reduction", "the chapter's")
-    legacy = common.Context(common.SCALES["cpu"], 3, Path("."), precision=common.LEGACY_PRECISION)
+    legacy = common.Context(common.SCALES["cpu"], 3, precision=common.LEGACY_PRECISION)
     assert "recipe in bfloat16 autocast" in common.scale_line(legacy, "reduction", "the chapter's")

@@ -123,22 +123,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_exercises(args: argparse.Namespace) -> None:
-    """Run the chapter's exercises and write their README with tables and plots."""
+    """Print the answers to the chapter's exercises; --write also saves them in their page."""
     from pathlib import Path
 
-    from nin.exercises import main_log, run_exercises
+    from nin.exercises import main_log, run_exercises, write_readme
 
-    readme = run_exercises(
-        args.names,
-        Path(args.out),
-        args.seeds,
-        args.full,
-        args.data_dir,
-        args.device,
+    out = Path(args.out or "docs/exercises")
+    if args.rebuild:
+        print(write_readme(out))
+        return
+    write = args.write or args.out is not None
+    print(run_exercises(
+        args.names, out if write else None, args.seeds, args.full, args.data_dir, args.device,
         main_log,
-        rebuild=args.rebuild,
-    )
-    print(readme)
+    ))  # fmt: skip
 
 
 # --- using and shipping a model: predict, export, report, serve
@@ -367,13 +365,24 @@ def add_training_commands(sub: Any) -> None:
 
     p = sub.add_parser(
         "exercises",
-        help="answer the chapter's exercises with measurements; writes README.md and plots",
+        help="answer the chapter's exercises with measurements; prints the answers",
         description="Run the chapter's exercises (all by default): resources, pointwise, "
-        "reduction, tuning, linear, gap. The default scale runs on 2 CPU cores in about half "
-        "an hour; --full is the chapter's (nin_d2l at 224×224, 10 epochs), for a GPU.",
+        "reduction, tuning, linear, gap, and print each answer as Markdown. With --write, also "
+        "save the results in --out and rebuild its README.md and plots. The default scale runs "
+        "on 2 CPU cores in about half an hour; --full is the chapter's (nin_d2l at 224×224, "
+        "10 epochs), for a GPU.",
     )
     p.add_argument("names", nargs="*", help="exercises to run (default: all)")
-    p.add_argument("--out", default="docs/exercises", help="default docs/exercises")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="also save the results in --out and rebuild its README.md and plots",
+    )
+    p.add_argument(
+        "--out",
+        help="the folder of --write and --rebuild (default docs/exercises); giving it implies "
+        "--write",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
     p.add_argument("--full", action="store_true", help="the chapter's scale (a GPU's work)")
     p.add_argument(

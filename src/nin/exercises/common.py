@@ -75,11 +75,10 @@ LEGACY_PRECISION = {"chapter": BF16, "compact": BF16}
 
 @dataclass
 class Context:
-    """What every exercise gets: the scale, seeds, where to write plots, the data directory."""
+    """What every exercise gets: the scale, seeds, the data directory and device, a log."""
 
     scale: Scale
     seeds: int
-    out: Path
     data_dir: str | None = None
     device: str | None = None
     log: Callable[[str], None] = print

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from nin.exercises.common import (
@@ -23,27 +24,27 @@ TITLE = "Idea: global average pooling instead of a dense head"
 GAP_HEADS = {"global average pooling": {}, "dense": {"head": "dense"}}
 
 
-def run_gap(ctx: Context) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:
     """Same body, GAP head vs flatten + dense head: parameters and overfitting, over seeds."""
     results = {}
     for label, kwargs in GAP_HEADS.items():
         runs = fit_seeds(ctx, ctx.scale.recipe, "gap", label, kwargs)
         config = recipe_config(ctx, ctx.scale.recipe, "gap")  # the same training images
         r = {**per_seed(runs, "test_acc"), "curves": curves(runs)}
-        r["train_acc"] = [split_accuracy(run["model"], config, "train") for run in runs]
+        r["train_acc"] = [split_accuracy(trained["model"], config, "train") for trained in runs]
         r["gap"] = [a - b for a, b in zip(r["train_acc"], r["test_acc"], strict=True)]
         results[label] = r
     return results
 
 
-def render_gap(results: dict[str, Any], ctx: Context) -> str:
+def render(results: dict[str, Any], ctx: Context) -> str:
     """The GAP vs dense write-up: parameters, train − test gap, test accuracy."""
     gap_head, dense_head = results["global average pooling"], results["dense"]
     rows = [
         [label, f"{r['parameters']:,}", pm(r["train_acc"]), pm(r["test_acc"]), pm(r["gap"])]
         for label, r in results.items()
     ]
-    md = write_up(
+    return write_up(
         ctx, "gap", ctx.scale.recipe, rows,
         added=dense_head["parameters"] - gap_head["parameters"],
         ratio=dense_head["parameters"] / gap_head["parameters"],
@@ -53,5 +54,8 @@ def render_gap(results: dict[str, Any], ctx: Context) -> str:
         gap_test=pm(gap_head["test_acc"]), dense_test=pm(dense_head["test_acc"]),
         test_noise=noise(gap_head["test_acc"], dense_head["test_acc"]),
     )  # fmt: skip
-    plot_mean_curves({label: r["curves"] for label, r in results.items()}, ctx.out / "gap.png")
-    return md
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Test accuracy per epoch of both heads, mean ± std over seeds."""
+    plot_mean_curves({label: r["curves"] for label, r in results.items()}, path)

@@ -6,15 +6,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from nin.exercises.common import Context, fill
 from nin.models import count_parameters
+from nin.resources import summarize
 
 TITLE = "Idea: a 1×1 convolution is a fully connected layer per pixel"
 
 
-def run_linear(ctx: Context) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:
     """1×1 convolution ≡ Linear at every pixel (numerically), and the compared parameter
     counts."""
     torch.manual_seed(0)
@@ -28,25 +28,19 @@ def run_linear(ctx: Context) -> dict[str, Any]:
         diff = (conv(x) - by_linear).abs().max().item()
     conv3 = nn.Conv2d(512, 4096, 3, padding=1)
     dense = nn.Linear(512 * 7 * 7, 4096)
-    feature = torch.zeros(1, 512, 7, 7)
-    flops = {}
-    for name, layer, inp in (("conv3", conv3, feature), ("dense", dense, feature.flatten(1))):
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            layer(inp)
-        flops[name] = counter.get_total_flops()
+    feature = (512, 7, 7)  # FLOPs counted by FlopCounterMode, as `nin summary` counts them
     return {
         "max_abs_difference": diff,
         "conv3_weights": conv3.weight.numel(),
         "conv3_parameters": count_parameters(conv3),
-        "conv3_flops": flops["conv3"],
+        "conv3_flops": summarize(nn.Sequential(conv3), feature)[0].flops,
         "dense_weights": dense.weight.numel(),
         "dense_parameters": count_parameters(dense),
-        "dense_flops": flops["dense"],
+        "dense_flops": summarize(nn.Sequential(nn.Flatten(), dense), feature)[1].flops,
     }
 
 
-def render_linear(r: dict[str, Any], ctx: Context) -> str:
+def render(r: dict[str, Any], ctx: Context) -> str:
     """The 1×1 ≡ Linear write-up with the parameter-count comparison."""
     diff = r["max_abs_difference"]
     return fill(

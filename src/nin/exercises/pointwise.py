@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
 from nin.exercises.common import (
@@ -24,7 +25,7 @@ from nin.resources import format_count, summarize
 TITLE = "Exercise 2: remove a 1×1 convolution"
 
 
-def run_pointwise(ctx: Context) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:
     """Blocks with 0, 1, 2 (chapter) and 3 pointwise convolutions, trained over seeds."""
     size = model_info(ctx.scale.model).input_size
     if ctx.scale.resize:
@@ -42,7 +43,7 @@ def run_pointwise(ctx: Context) -> dict[str, Any]:
     return {"variants": variants}
 
 
-def render_pointwise(results: dict[str, Any], ctx: Context) -> str:
+def render(results: dict[str, Any], ctx: Context) -> str:
     """Exercise 2's write-up: the table, the curves, and what the numbers say."""
     variants = {int(n): v for n, v in results["variants"].items()}
     acc = {n: v["test_acc"] for n, v in variants.items()}
@@ -61,7 +62,7 @@ def render_pointwise(results: dict[str, Any], ctx: Context) -> str:
          format_count(v["flops"]), pm(v["loss"], 1, 3), pm(v["test_acc"])]
         for n, v in sorted(variants.items())
     ]  # fmt: skip
-    md = write_up(
+    return write_up(
         ctx, "pointwise", ctx.scale.recipe, rows,
         norm="batch norm and ReLU" if ctx.scale.recipe == "compact" else "ReLU",
         one=change(2, 1), none=change(2, 0), three=change(2, 3),
@@ -75,6 +76,9 @@ def render_pointwise(results: dict[str, Any], ctx: Context) -> str:
             else ""
         ),
     )  # fmt: skip
-    by_variant = {f"{n} × 1×1": v["curves"] for n, v in sorted(variants.items())}
-    plot_mean_curves(by_variant, ctx.out / "pointwise.png")
-    return md
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Test accuracy per epoch of each variant, mean ± std over seeds."""
+    variants = sorted((int(n), v) for n, v in results["variants"].items())
+    plot_mean_curves({f"{n} × 1×1": v["curves"] for n, v in variants}, path)

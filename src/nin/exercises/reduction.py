@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ def dead_class_channels(model: nn.Module, config: TrainConfig) -> int | None:
     return int((torch.stack(seen).amax(0) <= 0).sum())
 
 
-def run_reduction(ctx: Context) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:
     """The chapter's last block vs gradual reductions, a dense head and two fixes, over seeds."""
     results = {}
     for label, (kwargs, _) in REDUCTIONS.items():
@@ -108,7 +109,7 @@ def verdict(results: dict[str, Any]) -> tuple[str, list[str]]:
     return text, [label for label in ("gradual", "late") if label in better]
 
 
-def render_reduction(results: dict[str, Any], ctx: Context) -> str:
+def render(results: dict[str, Any], ctx: Context) -> str:
     """Exercise 4's write-up: accuracy, chance runs and dead class maps per last block."""
     rows = [
         [label, REDUCTIONS[label][1], f"{r['parameters']:,}", pm(r["test_acc"]),
@@ -122,11 +123,14 @@ def render_reduction(results: dict[str, Any], ctx: Context) -> str:
     text, wide_better = verdict(results)
     if wide_better:
         text += " " + fill("reduction", "bottleneck", width=width, heads=", ".join(wide_better))
-    md = write_up(
+    return write_up(
         ctx, "reduction", "the chapter's", rows, here="" if width == 384 else f"(here {width}) ",
         ln10=math.log(10), seeds=plural(len(chapter["test_acc"]), "seed"),
         dead=sum(d or 0 for d in chapter["dead_channels"]), at_chance=chapter["at_chance"],
         n=len(chapter["test_acc"]), verdict=text,
     )  # fmt: skip
-    plot_seeds({label: r["test_acc"] for label, r in results.items()}, ctx.out / "reduction.png")
-    return md
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Final test accuracy of every seed, one column per last block."""
+    plot_seeds({label: r["test_acc"] for label, r in results.items()}, path)

@@ -15,7 +15,7 @@ from nin.resources import Memory, Resources, format_bytes, format_resources, mea
 TITLE = "Exercise 3: parameters, FLOPs and memory"
 
 
-def run_resources(ctx: Context) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:
     """Parameters, FLOPs and memory of nin_d2l and the scale's model, at batch 1 and 128."""
     device, _ = pick_device(ctx.device)
     names = ["nin_d2l"] + ([ctx.scale.model] if ctx.scale.model != "nin_d2l" else [])
@@ -75,7 +75,7 @@ def measured_line(r: Resources) -> str:
     )  # fmt: skip
 
 
-def render_resources(results: dict[str, Any], ctx: Context) -> str:
+def render(results: dict[str, Any], ctx: Context) -> str:
     """Exercise 3's write-up: a summary table, how memory is counted, why the peaks differ."""
     reports = [resources_from_dict(d) for d in results["reports"]]
     on_gpu = reports[0].device.startswith("cuda")
@@ -87,7 +87,7 @@ def render_resources(results: dict[str, Any], ctx: Context) -> str:
     ]
     below, above = [x for x, d in excess if d < 0], [x for x, d in excess if d > 0]
     inference_above = all(r.measured.inference_peak > r.analytic.inference_peak for r in measured)
-    md = fill(
+    return fill(
         "resources", "body", rows=table_rows([summary_row(r) for r in reports]), d2l=d2l,
         madds=d2l.forward_flops / 2e9, ratio=d2l.training_flops / d2l.forward_flops,
         agree="the same numbers" if formulas == (d2l.forward_flops, d2l.training_flops)
@@ -104,13 +104,13 @@ def render_resources(results: dict[str, Any], ctx: Context) -> str:
             for r in reports),
         reports="\n\n".join(format_resources(r) for r in reports),
     )  # fmt: skip
-    plot_resources(reports, ctx.out / "resources.png")
-    return md
 
 
-def plot_resources(reports: list[Resources], path: Path) -> None:
+def plot(results: dict[str, Any], path: Path) -> None:
     """Per model and batch size: the analytic parts stacked, beside the measured peak."""
     from matplotlib.figure import Figure  # nin.plots.figure makes one Axes; this needs a row
+
+    reports = [resources_from_dict(d) for d in results["reports"]]
 
     fig = Figure(figsize=(8, 3.4), dpi=120)
     axes = fig.subplots(1, len(reports))

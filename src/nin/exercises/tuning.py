@@ -67,7 +67,7 @@ def search(ctx: Context) -> list[dict[str, Any]]:
     return trials
 
 
-def run_tuning(ctx: Context) -> dict[str, Any]:
+def run(ctx: Context) -> dict[str, Any]:
     """A grid search on a validation split; the best setting vs the chapter's, tested at the end."""
     trials = search(ctx)
     best = trials[0]
@@ -85,7 +85,7 @@ def run_tuning(ctx: Context) -> dict[str, Any]:
     return {"trials": trials, "finals": finals}
 
 
-def render_tuning(results: dict[str, Any], ctx: Context) -> str:
+def render(results: dict[str, Any], ctx: Context) -> str:
     """Exercise 1's write-up: the grid, the final comparison on test, what mattered."""
     trials, finals = results["trials"], results["finals"]
     best = trials[0]
@@ -97,7 +97,7 @@ def render_tuning(results: dict[str, Any], ctx: Context) -> str:
         for t in trials
     ]  # fmt: skip
     chapter_m, best_m = mean_std(finals["chapter"])[0], mean_std(finals["best found"])[0]
-    md = write_up(
+    return write_up(
         ctx, "tuning", "the chapter's", rows, holdout=ctx.scale.holdout, settings=len(trials),
         budget=budget,
         seeds=plural(ctx.seeds, "seed"), chapter=describe(CHAPTER_SETTING), best=describe(best),
@@ -106,8 +106,6 @@ def render_tuning(results: dict[str, Any], ctx: Context) -> str:
         gain=(best_m - chapter_m) * 100, noise=noise(finals["chapter"], finals["best found"]),
         effects=marginal_effects(trials),
     )  # fmt: skip
-    plot_tuning(trials, ctx.out / "tuning.png")
-    return md
 
 
 def marginal_effects(trials: list[dict[str, Any]]) -> str:
@@ -123,8 +121,9 @@ def marginal_effects(trials: list[dict[str, Any]]) -> str:
     return "; ".join(text for _, text in spreads)
 
 
-def plot_tuning(trials: list[dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, Any], path: Path) -> None:
     """Validation accuracy against learning rate, by batch size and batch norm."""
+    trials = results["trials"]
     fig, ax = figure(6.0, 3.6)
     batches = sorted({t["batch_size"] for t in trials})
     for bn, batch in itertools.product((False, True), batches):
