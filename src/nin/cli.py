@@ -380,6 +380,7 @@ def add_training_commands(sub: Any) -> None:
     )
     p.add_argument(
         "--out",
+        metavar="DIR",
         help="the folder of --write and --rebuild (default docs/exercises); giving it implies "
         "--write",
     )
