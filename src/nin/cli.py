@@ -366,24 +366,13 @@ def add_training_commands(sub: Any) -> None:
     p = sub.add_parser(
         "exercises",
         help="answer the chapter's exercises with measurements; prints the answers",
-        description="Run the chapter's exercises (all by default): resources, pointwise, "
-        "reduction, tuning, linear, gap, and print each answer as Markdown. With --write, also "
-        "save the results in --out and rebuild its README.md and plots. The default scale runs "
-        "on 2 CPU cores in about half an hour; --full is the chapter's (nin_d2l at 224×224, "
-        "10 epochs), for a GPU.",
+        description="Run the chapter's exercises (all by default) and print the answers as "
+        "Markdown. The default scale runs on 2 CPU cores in about half an hour; --full is the "
+        "chapter's (nin_d2l at 224×224, 10 epochs), for a GPU.",
     )
-    p.add_argument("names", nargs="*", help="exercises to run (default: all)")
-    p.add_argument(
-        "--write",
-        action="store_true",
-        help="also save the results in --out and rebuild its README.md and plots",
-    )
-    p.add_argument(
-        "--out",
-        metavar="DIR",
-        help="the folder of --write and --rebuild (default docs/exercises); giving it implies "
-        "--write",
-    )
+    p.add_argument("names", nargs="*", help="linear gap tuning pointwise resources reduction")
+    p.add_argument("--write", action="store_true", help="save results, README.md, plots in --out")
+    p.add_argument("--out", metavar="DIR", help="--write to DIR (default docs/exercises)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
     p.add_argument("--full", action="store_true", help="the chapter's scale (a GPU's work)")
     p.add_argument(
