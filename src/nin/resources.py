@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import os
 import sys
@@ -420,11 +421,7 @@ def peak_bytes(fn: Callable[[], None], device: torch.device, alive: int) -> int 
     except AttributeError:
         return None
     events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return alive + peak
+    return alive + max([0, *itertools.accumulate(e.nbytes() for e in events)])  # running total
 
 
 def measure_resources(
