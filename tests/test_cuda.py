@@ -26,9 +26,8 @@ from PIL import Image
 import nin.device as nin_device  # `nin` itself is test_resume's CLI runner, imported below
 import nin.train as nin_train
 from nin.checkpoint import LAST, read_tensors
-from nin.config import read_config
 from nin.cli import main
-from nin.config import make_config
+from nin.config import make_config, read_config
 from nin.data import dataset_spec, load_split
 from nin.device import amp_dtype, autocast
 from nin.distributed import World

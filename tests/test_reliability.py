@@ -41,8 +41,8 @@ from nin.config import TYPES, flag, read_config
 from nin.data import DATASETS, read_idx
 from nin.distributed import World
 from nin.errors import NinError
-from nin.rundir import lock_run_dir
 from nin.models import create_model
+from nin.rundir import lock_run_dir
 from tests.conftest import REPO, checkpoint_config, write_idx
 
 DOC = REPO / "docs" / "reliability.md"
