@@ -383,6 +383,11 @@ def add_training_commands(sub: Any) -> None:
     add_config_flags(p, "data_dir", "device")
     p.set_defaults(func=cmd_exercises)
 
+    add_eval_command(sub)
+
+
+def add_eval_command(sub: Any) -> None:
+    """eval: a saved run's test accuracy, overall and per class."""
     p = sub.add_parser("eval", help="test accuracy of a checkpoint, overall and per class")
     p.add_argument("checkpoint", help="a run directory or its model.safetensors")
     add_config_flags(p, "device", "data_dir", "batch_size", "test_subset")
