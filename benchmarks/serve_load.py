@@ -69,6 +69,10 @@ class LoadResult:
     rss_idle_mib: float = 0.0
     rss_peak_mib: float = 0.0
 
+    def server_errors(self) -> list[Outcome]:
+        """Answers of 500 and up, or none at all (a reset or a hang)."""
+        return [o for o in self.outcomes if o.status >= 500 or o.status == 0]
+
 
 def multipart(data: bytes, name: str) -> bytes:
     """A form with one file field, as a browser sends it."""
@@ -254,7 +258,7 @@ def render(result: LoadResult, settings: str, busy: str) -> str:
         f"{percentile(quick, 99)} |"
     )
     # Answers of 500 and up, or none at all (a reset or a hang).
-    errors = [o for o in result.outcomes if o.status >= 500 or o.status == 0]
+    errors = result.server_errors()
     return fill(
         "serve_load",
         "section",
