@@ -36,6 +36,8 @@ def test_nin_fast_is_a_nin_with_a_frozen_scale_and_identity_start():
     # Dirac start: the 1×1 of block 1 maps channel i to channel i.
     pointwise = convs[2].weight[:, :, 0, 0]
     assert torch.equal(pointwise, torch.eye(64))
+    with pytest.raises(ValueError, match="num_pointwise must be 0 or more, got -1"):
+        create_model("nin_fast", num_pointwise=-1)
 
 
 def test_whitening_makes_the_patch_covariance_the_identity():

@@ -158,8 +158,8 @@ def check_weights(
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise NinError(
                 f"{path}: {key} holds NaN or infinite values, so every prediction would be "
-                "NaN; use a checkpoint from before the run diverged (best.safetensors), or "
-                "train again"
+                "NaN; use a checkpoint from before the run diverged (best.safetensors, which a "
+                "run with a validation split keeps), or train again"
             )
 
 

@@ -108,6 +108,8 @@ def nin_fast(
     if activation not in ACTIVATIONS:
         known = ", ".join(ACTIVATIONS)
         raise ValueError(f"unknown activation {activation!r}; choose one of: {known}")
+    if num_pointwise < 0:
+        raise ValueError(f"num_pointwise must be 0 or more, got {num_pointwise}")
     act = ACTIVATIONS[activation]
     whiten = 2 * in_channels * 2 * 2
     first = nn.Sequential(nn.Conv2d(in_channels, whiten, 2), act())
@@ -145,7 +147,7 @@ def init_whitening_(model: nn.Module, images: Tensor, eps: float = 5e-4) -> None
         raise ValueError(
             f"whitening needs a first convolution from {c} to {2 * c * h * w} channels "
             f"(2 × channels × {h}×{w}); {type(model).__name__}'s goes {conv.in_channels} → "
-            f"{conv.out_channels}: use --init default"
+            f"{conv.out_channels}"
         )
     patches = images.float().unfold(2, h, 1).unfold(3, w, 1)  # (N, C, H', W', h, w)
     patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w)

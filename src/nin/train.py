@@ -69,7 +69,14 @@ class TrainState:
     done in it, the history, this epoch's running sums, the best validation accuracy) and, per
     process, every random state."""
 
-    def __init__(self, config: TrainConfig, model: nn.Module, loader: DeviceLoader, world: World):
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        loader: DeviceLoader,
+        world: World,
+        began: float,
+    ) -> None:
         total_steps = config.epochs * len(loader)
         self.model, self.loader, self.world = model, loader, world
         self.optimizer = torch.optim.SGD(
@@ -91,6 +98,7 @@ class TrainState:
         self.history: list[dict[str, Any]] = []  # one row per finished epoch
         self.epoch_seconds = 0.0  # spent on this epoch before the checkpoint resumed from
         self.best_acc = -1.0  # the best validation accuracy so far
+        self.began = began  # time.perf_counter() when this process's part of the run began
         self.resumed_at = 0.0  # seconds the run had taken when this process took it over
         self.loss_sum = torch.zeros((), device=loader.device)
         self.correct = torch.zeros((), dtype=torch.long, device=loader.device)
@@ -185,16 +193,19 @@ def train(
         model = build_model(config, train_loader, len(train_loader.classes))
         if world.active:  # the same weights everywhere (DDP broadcasts them), other dropout masks
             torch.manual_seed(config.seed + 1000 * world.rank)
-        state = TrainState(config, model, train_loader, world)
+        step_model = wrap_model(model, device, world, config.compile)  # before any copy of it
+        state = TrainState(config, model, train_loader, world, began)
         record = run_record(config, run_dir, train_loader, model, device, world, resume)
-        start(state, run_dir, config, record, resume, log)
-        step_model = wrap_model(model, device, world, config.compile)
+        begin_or_resume(state, run_dir, config, record, resume, log)
         evaluation = None
         for epoch in range(state.epoch, config.epochs + 1):
             seconds = train_one_epoch(step_model, state, config, epoch, run_dir, record)
-            evaluation = end_epoch(state, eval_loader, config, epoch, seconds, began, run_dir,
-                                   record, split, log, on_epoch)  # fmt: skip
-        return finish(state, eval_loader, config, evaluation, began, run_dir, record, split, log)
+            evaluation = end_epoch(
+                state, eval_loader, config, epoch, seconds,
+                run_dir=run_dir, record=record, split=split, log=log, on_epoch=on_epoch,
+            )  # fmt: skip
+        return finish(state, eval_loader, config, evaluation,
+                      run_dir=run_dir, record=record, split=split, log=log)  # fmt: skip
 
 
 def train_one_epoch(
@@ -278,7 +289,7 @@ def end_epoch(
     config: TrainConfig,
     epoch: int,
     seconds: float,
-    began: float,
+    *,
     run_dir: Path,
     record: dict[str, Any],
     split: str,
@@ -302,7 +313,7 @@ def end_epoch(
         "examples_per_sec": n / seconds, "epoch_seconds": seconds,
         "eval_seconds": time.perf_counter() - eval_start,
         # Since the run began (setup included), counting only time spent running it.
-        "elapsed_seconds": state.resumed_at + time.perf_counter() - began,
+        "elapsed_seconds": state.resumed_at + time.perf_counter() - state.began,
         "lr": state.optimizer.param_groups[0]["lr"],
     }  # fmt: skip
     state.history.append(row)
@@ -330,7 +341,7 @@ def finish(
     eval_loader: DeviceLoader,
     config: TrainConfig,
     evaluation: Evaluation | None,
-    began: float,
+    *,
     run_dir: Path,
     record: dict[str, Any],
     split: str,
@@ -347,7 +358,7 @@ def finish(
     examples = state.loader.num_examples * world.size
     speed = len(history) * examples / train_seconds
     record["result"] = result = {
-        "wall_seconds": state.resumed_at + time.perf_counter() - began,
+        "wall_seconds": state.resumed_at + time.perf_counter() - state.began,
         "loss": history[-1]["loss"],
         "train_acc": history[-1]["train_acc"],
         key: evaluation.accuracy,
@@ -390,7 +401,7 @@ def open_run_dir(
     return Path(name)
 
 
-def start(
+def begin_or_resume(
     state: TrainState,
     run_dir: Path,
     config: TrainConfig,
@@ -450,12 +461,14 @@ def run_record(
 ) -> dict[str, Any]:
     """The run's config.json: its settings, the data's shape, the environment (later the
     result), and its id: a new one (the same on every process), or the one it began with."""
-    run_id = read_config(run_dir).get("run_id") if resume else uuid.uuid4().hex
+    run_id = (
+        read_config(run_dir).get("run_id") if resume else broadcast_text(uuid.uuid4().hex, world)
+    )
     folder = {"mean": loader.preprocess.mean, "std": loader.preprocess.std} if config.data else {}
     return {
         **dataclasses.asdict(config),
         "out": str(run_dir),
-        "run_id": broadcast_text(run_id, world) if run_id else run_id,
+        "run_id": run_id,
         "num_classes": len(loader.classes),
         "classes": list(loader.classes),
         "in_channels": loader.images.shape[1],
