@@ -42,6 +42,7 @@ format: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/cpu_default.py
 	$(BIN)/python benchmarks/cpu_switches.py
+	$(BIN)/python benchmarks/ceiling.py
 
 # The GPU check (benchmarks/gpu_check.py): every CUDA path and every GPU figure in at most
 # 8 minutes, written into docs/. SMOKE=1: the same steps with tiny sizes on any device (about a

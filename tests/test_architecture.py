@@ -17,8 +17,9 @@ SRC = ROOT / "src" / "nin"
 DOC = ROOT / "docs" / "architecture.md"
 MAX_FUNCTION_LINES = 60
 # Code lines (docstrings and comments excluded): ceilings a little above the counts of
-# 2026-12-04 (5,287 and 2,248, from 5,415 and 2,753), so that the house grows only on purpose.
-BUDGET = {"src/nin": 5400, "benchmarks": 2300}
+# 2026-12-04 (5,302 and 2,348 with benchmarks/ceiling.py, from 5,415 and 2,753), so that the
+# house grows only on purpose.
+BUDGET = {"src/nin": 5400, "benchmarks": 2400}
 
 
 def module_name(path: Path) -> str:

@@ -179,6 +179,7 @@ def test_a_failed_validation_run_stops_the_choice(mnist_results):
         ("gpu_check", "docs/results.md"),
         ("gpu_check", "docs/benchmarks.md"),
         ("photos", "docs/using.md"),
+        ("ceiling", "docs/benchmarks.md"),
     ],
 )
 def test_the_committed_records_render_the_committed_pages(script, page, tmp_path, monkeypatch):
@@ -193,6 +194,19 @@ def test_the_committed_records_render_the_committed_pages(script, page, tmp_path
     importlib.import_module(script).report(Path(page))
     for name in pages:
         assert (tmp_path / name).read_text() == (REPO / name).read_text(), name
+
+
+def test_the_ceiling_script_measures_every_preset_against_the_machine():
+    ceiling = importlib.import_module("ceiling")
+    record = ceiling.measure(small=True)
+    assert set(record["ceilings"]) == {"matmul_bf16", "conv_bf16", "matmul_fp32", "conv_fp32"}
+    assert all(v > 0 for v in record["ceilings"].values())
+    steps = {s["preset"]: s for s in record["steps"]}
+    assert set(steps) == set(ceiling.PRESETS)
+    assert steps["d2l"]["precision"] == "fp32" and steps["compact"]["precision"] == "bf16"
+    assert all(s["step_seconds"] > 0 and s["train_flops"] > 0 for s in steps.values())
+    table = ceiling.render([record])
+    assert sum(line.startswith("| `") for line in table.splitlines()) == 3 and "% |" in table
 
 
 def test_a_template_section_is_filled_and_a_missing_value_fails():
