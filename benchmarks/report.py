@@ -32,11 +32,11 @@ import torch
 from nin.config import make_config
 from nin.device import describe, environment
 from nin.exercises.common import mean_std as mean_and_std
+from nin.exercises.common import sections
 from nin.files import atomic_path, write_json
 from nin.models import model_info
 
 TEMPLATES = Path(__file__).with_name("templates")
-SECTION = re.compile(r"^<!-- (\w+) -->\n", re.MULTILINE)
 POLL = 0.5  # seconds between looks at a running child (its metrics, its deadline)
 # What a record keeps of its run's config.json.
 FROM_CONFIG = ("model", "model_kwargs", "epochs", "parameters", "result")
@@ -79,9 +79,7 @@ def machine() -> str:
 def fill(name: str, section: str, **values: Any) -> str:
     """Section SECTION of templates/NAME.md (the text after its `<!-- SECTION -->` line, up to the
     next), filled in with `str.format`; text before the first section is a note."""
-    parts = SECTION.split((TEMPLATES / f"{name}.md").read_text(encoding="utf-8"))[1:]
-    sections = dict(zip(parts[::2], parts[1::2], strict=True))
-    return sections[section].rstrip("\n").format(**values)
+    return sections(TEMPLATES / f"{name}.md")[section].format(**values)
 
 
 def write_section(path: str | Path, name: str, markdown: str) -> None:

@@ -92,11 +92,17 @@ SECTION = re.compile(r"^<!-- (\w+) -->\n", re.MULTILINE)
 
 
 @cache
-def prose(name: str) -> dict[str, str]:
-    """The named sections of templates/<name>.md (text before the first one is a note)."""
-    text = (files("nin.exercises") / "templates" / f"{name}.md").read_text(encoding="utf-8")
-    parts = SECTION.split(text)[1:]
+def sections(path: Any) -> dict[str, str]:
+    """The named sections of a prose template file (a Path or a package resource): each begins
+    at its `<!-- NAME -->` line; text before the first one is a note. The benchmarks' templates
+    are read by this too."""
+    parts = SECTION.split(path.read_text(encoding="utf-8"))[1:]
     return {key: body.rstrip("\n") for key, body in zip(parts[::2], parts[1::2], strict=True)}
+
+
+def prose(name: str) -> dict[str, str]:
+    """The named sections of templates/<name>.md."""
+    return sections(files("nin.exercises") / "templates" / f"{name}.md")
 
 
 def fill(name: str, section: str, **values: Any) -> str:
