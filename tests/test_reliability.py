@@ -37,7 +37,7 @@ import nin.export
 import nin.train
 from nin.checkpoint import save_checkpoint, save_state, save_tensors
 from nin.cli import main
-from nin.config import TYPES, flag, read_config
+from nin.config import TYPES, flag, read_config, saved_config
 from nin.data import DATASETS, read_idx
 from nin.distributed import World
 from nin.errors import NinError
@@ -859,7 +859,7 @@ def test_only_rank_0_locks(tmp_path, monkeypatch):
     run.mkdir()
     answers = iter([str(run), ""])  # rank 0's name for the directory, and its verdict: fine
     monkeypatch.setattr(nin.train, "broadcast_text", lambda text, world: next(answers))
-    config = nin.train.saved_config({"out": str(run)})
+    config = saved_config({"out": str(run)})
     with contextlib.ExitStack() as hold:
         assert nin.train.open_run_dir(config, World(rank=1, size=2), True, hold) == run
         assert list(run.iterdir()) == []  # no lock file: rank 0, another process, holds it
