@@ -375,9 +375,8 @@ def step_cifar(check: Check, record: Record, deadline: float) -> None:
     record["figures"] = {"runs": runs, "targets": list(TARGETS)}
 
     def update() -> None:
-        for run in runs:  # while it runs: the epochs so far, never the final evaluation
-            timed = {k: run.get(k, d) for k, d in (("history", []), ("startup_seconds", 0))}
-            run["time_to"] = {str(t): time_to(timed, t) for t in TARGETS}
+        for run in runs:  # report.time_to: the epochs so far, then the final evaluation too
+            run["time_to"] = {str(t): time_to(run, t) for t in TARGETS}
         check.save()
 
     preset: Record = {}

@@ -231,7 +231,7 @@ def time_to(row: dict[str, Any], target: float) -> float | None:
     evaluation (with it) did; None if neither did."""
     for epoch in row["history"]:
         if epoch.get("test_acc", 0) >= target:
-            return row["startup_seconds"] + epoch["elapsed_seconds"]
+            return (row.get("startup_seconds") or 0) + epoch["elapsed_seconds"]
     final = row.get("result", {}).get("test_acc", 0) >= target
     return row.get("wall_seconds") if final else None
 

@@ -6,6 +6,7 @@ no longer imports (say, after a rename in `nin`) fails here instead of vanishing
 
 import argparse
 import importlib
+import json
 import shutil
 import sys
 import time
@@ -234,6 +235,14 @@ def test_time_to_a_mark_counts_start_up_and_falls_back_on_the_final_result():
     assert report.time_to(row, 0.93) == 65.0  # the epoch's end, from the command's start
     assert report.time_to(row, 0.94) == 100.0  # only the final evaluation (with TTA) got there
     assert report.time_to(row, 0.96) is None
+
+
+def test_every_committed_record_has_a_real_wall_time_or_none():
+    for path in (REPO / "results").rglob("*.json"):
+        rows = json.loads(path.read_text())
+        for row in rows if isinstance(rows, list) else [rows]:
+            wall = row.get("wall_seconds", None) if isinstance(row, dict) else None
+            assert wall is None or wall > 0, f"{path}: wall_seconds {wall}"
 
 
 def test_a_timed_run_is_recorded_with_its_start_up(data_dir, tmp_path):
