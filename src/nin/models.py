@@ -339,9 +339,10 @@ FAST_CFGS: dict[str, tuple[int, int, int]] = {
 
 
 @register_model((3, 32, 32), "fast NiN for CIFAR-10 (airbench's tricks): 64/256/256 channels")
-def nin_fast(**kwargs) -> NiN:
-    """The fast NiN at airbench94's widths (see `nin.fast.nin_fast`)."""
-    return NiN(*fast.nin_fast(widths=FAST_CFGS["nin_fast"], **kwargs))
+def nin_fast(width: float = 1.0, **kwargs) -> NiN:
+    """The fast NiN at airbench94's widths, each times `width` (see `nin.fast.nin_fast`)."""
+    widths = tuple(max(1, round(c * width)) for c in FAST_CFGS["nin_fast"])
+    return NiN(*fast.nin_fast(widths=widths, **kwargs))
 
 
 @register_model((3, 32, 32), "wider fast NiN for CIFAR-10: 128/384/384 channels")
