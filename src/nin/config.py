@@ -72,6 +72,13 @@ class TrainConfig:
     channels: int | None = setting(
         None, "with --data: 1 (grey) or 3 (colour); default: from the images", choices=(1, 3)
     )
+    finetune: str | None = setting(
+        None,
+        "start from trained weights: a bundled model (fashion-mnist or cifar10) or a run "
+        "directory; its network, size and channels are kept, its class maps made anew, its "
+        "body frozen for the first epoch, the learning rate a tenth of the preset's",
+        metavar="NAME_OR_RUN",
+    )
     loader: str = setting(
         "auto",
         "with --data: keep the images on the device (resident), read each batch from the disk "

@@ -56,6 +56,7 @@ from nin.loaders import DeviceLoader, make_loader
 from nin.models import count_parameters, create_model, xavier_init_
 from nin.plots import curves_figure
 from nin.presets import PRESETS
+from nin.pretrained import finetune_config, freeze_body, load_body
 from nin.resources import training_bytes
 from nin.rundir import lock_run_dir, prepare_run_dir
 from nin.watch import TrainingWatch
@@ -173,6 +174,8 @@ def train(
     """
     began = time.perf_counter()
     world = init_world(config.device)
+    if config.finetune and not resume:  # the source's network, size and channels
+        config = finetune_config(config)
     log = log if world.main else no_log
     with contextlib.ExitStack() as hold:  # the run directory's lock, held to the end
         run_dir = open_run_dir(config, world, resume, hold)
@@ -191,6 +194,8 @@ def train(
             note_folder(config, run_dir, world.main, resume, log, train_loader.note)
         check_memory(config, train_loader, device)
         model = build_model(config, train_loader, len(train_loader.classes))
+        if config.finetune and not resume:
+            load_body(model, config.finetune, len(train_loader.classes))
         if world.active:  # the same weights everywhere (DDP broadcasts them), other dropout masks
             torch.manual_seed(config.seed + 1000 * world.rank)
         step_model = wrap_model(model, device, world, config.compile)  # before any copy of it
@@ -220,6 +225,8 @@ def train_one_epoch(
     loader, model, optimizer = state.loader, state.model, state.optimizer
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     model.train()
+    if config.finetune:  # the new class maps learn alone first
+        freeze_body(model, len(loader.classes), frozen=epoch == 1 and config.epochs > 1)
     skip, state.step = state.step, 0
     loader.order_generator.set_state(state.order)  # this epoch's order, drawn again
     start = time.perf_counter() - state.epoch_seconds
