@@ -14,7 +14,8 @@ _SRC = str(_Path(__file__).resolve().parent / "src")
 if _SRC not in _sys.path:
     _sys.path.insert(0, _SRC)
 
-from nin.errors import NinError as _NinError  # noqa: E402 (needs src/ on the path first)
+from nin.config import check_model as _check_model  # noqa: E402 (needs src/ on the path first)
+from nin.errors import NinError as _NinError  # noqa: E402
 from nin.models import create_model as _create_model  # noqa: E402
 from nin.models import list_models as _list_models  # noqa: E402
 from nin.models import model_info as _model_info  # noqa: E402
@@ -35,8 +36,10 @@ def _entry_point(name: str):
                 f"no pretrained weights ship for {name}; pretrained=False builds it untrained "
                 f"(bundled: {have})"
             )
-        if bundled is None:
-            return _create_model(name, **kwargs)
+        if bundled is None:  # checked as every model nin builds is: its kwargs, its cost
+            sizes = {k: kwargs.pop(k) for k in ("num_classes", "in_channels") if k in kwargs}
+            _check_model(name, kwargs, **sizes)
+            return _create_model(name, **sizes, **kwargs)
         if kwargs:
             raise _NinError(
                 f"pretrained=True fixes {name}'s architecture; drop the arguments "

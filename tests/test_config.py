@@ -101,7 +101,7 @@ def test_a_toml_config_and_its_mistakes(trained: list[TrainConfig], tmp_path: Pa
         ('{"epochs": "ten"}', "--epochs must be int, got 'ten'"),
         ('{"amp": 1}', "--amp must be bool, got 1"),
         ('{"epoch": 3}', "unknown settings 'epoch'"),
-        ('{"lr": 0.1', "not valid json"),
+        ('{"lr": 0.1', "not valid JSON"),
         ("[1, 2]", "not a table of settings"),
     ):
         path = tmp_path / "bad.json"

@@ -139,10 +139,15 @@ def test_an_export_never_replaces_a_checkpoint_or_what_is_not_a_file(
 def test_an_earlier_export_is_replaced_only_with_force(run_dir: Path, tmp_path: Path, capsys):
     out = tmp_path / "model.pt2"
     export = ["export", str(run_dir), "--format", "torch-export", "--out", str(out)]
-    out.write_bytes(b"an earlier export")
+    earlier = b"PK\x03\x04 an earlier export (a zip, as every .pt2 is)"
+    out.write_bytes(earlier)
     assert main(export) == 1
     one_line_error(capsys, "already exists; give --force to replace it")
-    assert out.read_bytes() == b"an earlier export"
+    assert out.read_bytes() == earlier
+    out.with_suffix(".json").write_bytes(earlier)  # not a .pt2: --force does not replace it
+    assert main([*export[:-1], str(out.with_suffix(".json")), "--force"]) == 1
+    one_line_error(capsys, "--force replaces only those")
+    out.with_suffix(".json").unlink()
     assert main([*export, "--force"]) == 0
     assert torch.export.load(out).module() is not None
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]

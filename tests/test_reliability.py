@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 import nin.export
 import nin.train
@@ -440,6 +442,95 @@ def plain(*argv: str) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
     return lambda tmp, monkeypatch: list(argv)
 
 
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def sparse(path: Path, size: int) -> Path:
+    """A file of `size` bytes that takes no room: only its length is big."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def config_at(make: Callable[[Path], Path]) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
+    """`nin train --config PATH` on a tiny MNIST, PATH what `make` gives in the case's folder."""
+    return lambda tmp, monkeypatch: train_with("--config", str(make(tmp)))(tmp, monkeypatch)
+
+
+def replace_file(name: str, make: Callable[[Path], object]) -> Callable[[Path], None]:
+    """A change of a run directory: its file `name` replaced by what `make(path)` makes."""
+
+    def change(run: Path) -> None:
+        (run / name).unlink(missing_ok=True)
+        make(run / name)
+
+    return change
+
+
+def predict_with(change: Callable[[Path], None]) -> Callable[[Path, pytest.MonkeyPatch], list]:
+    """`nin predict` with a fresh checkpoint that `change` has damaged."""
+
+    def argv(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        run = checkpoint_dir(tmp)
+        change(run)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp / "picture.png")
+        return ["predict", str(run), str(tmp / "picture.png")]
+
+    return argv
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is width×height grey pixels and holds none: a decompression bomb's
+    header, all a reader needs to be fooled."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def unusable(folder: Path) -> None:
+    """Every kind of file an image folder may hold that is no picture and must not hang."""
+    fifo(folder / "pipe.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "dangling.png").symlink_to(folder / "gone.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "bomb.png").write_bytes(png_header(20_000, 20_000))
+
+
+def train_folder(
+    per_class: int, *flags: str, classes: int = 2, empty: int = 0, bad: bool = False
+) -> Callable[[Path, pytest.MonkeyPatch], list[str]]:
+    """`nin train --data` on a folder of `classes` classes of `per_class` grey 8×8 pictures
+    (every unusable kind of file too, with `bad`), and `empty` class folders of none."""
+
+    def argv(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+        monkeypatch.setenv("NIN_CACHE_DIR", str(tmp.parent / f"{tmp.name}-cache"))
+        root = tmp / "pictures"
+        for c in range(classes):
+            (root / f"class{c}").mkdir(parents=True)
+            for i in range(per_class):
+                picture = np.full((8, 8), 30 * i, np.uint8)
+                Image.fromarray(picture).save(root / f"class{c}" / f"{i}.png")
+            if bad:
+                unusable(root / f"class{c}")
+        for e in range(empty):
+            (root / f"empty{e:04d}").mkdir()
+        return ["train", "--data", str(root), "--out", str(tmp / "run"), *flags]
+
+    return argv
+
+
 HALF_A_GZIP = gz(idx_header(64, 28, 28) + np.random.default_rng(0).bytes(64 * 784))[:20000]
 CASES = [
     # Data files
@@ -484,22 +575,22 @@ CASES = [
          "--label-smoothing must be in [0, 1)"),
     Case("cli", "negative momentum", train_with("--momentum", "-0.9"), "--momentum must be 0"),
     Case("cli", "learning rate beyond float32", train_with("--lr", "1e39"),
-         "--lr must be at most 3.4e+38"),
+         "--lr must be a finite number, at most 3.4e+38"),
     Case("cli", "weight decay beyond float32", train_with("--weight-decay", "1e39"),
-         "--weight-decay must be at most 3.4e+38"),
+         "--weight-decay must be a finite number, at most"),
     Case("cli", "seed beyond 64 bits", train_with("--seed", str(2**70)), "--seed must be in"),
     Case("cli", "the meta device", train_with("--device", "meta"), "holds shapes, not data"),
     Case("cli", "model kwargs setting the input channels",
          train_with("--model-kwargs", '{"in_channels": 3}'), "cannot set in_channels"),
     Case("cli", "a hundred million 1×1 convolutions",
-         train_with("--model-kwargs", '{"num_pointwise": 100000000}'), "must be at most 4096"),
+         train_with("--model-kwargs", '{"num_pointwise": 100000000}'), "must be from 0 to 16"),
     Case("cli", "a thousandfold wide network",
          train_with("--model-kwargs", '{"width": 1000}'), "width must be in (0, 16], got 1000"),
     Case("cli", "a network of no width",
          train_with("--model-kwargs", '{"width": 0}'), "width must be in (0, 16], got 0"),
-    Case("cli", "a width of null for a network without one",
+    Case("cli", "a width of null",
          train_with("--model", "nin_fast", "--model-kwargs", '{"width": null}'),
-         "width must be in (0, 16], got None"),
+         "width must be float, got None"),
     Case("cli", "model kwargs not a plain value",
          train_with("--model-kwargs", '{"dropout": [0.5]}'), "dropout must be float, got [0.5]"),
     Case("cli", "resize past any screen", train_with("--resize", "100000"),
@@ -536,7 +627,7 @@ CASES = [
     Case("cli", "predict with a name over the system's limit", long_name("predict"),
          "File name too long"),
     Case("cli", "--config file nested 200,000 deep", deep_file,
-         "not valid json (maximum recursion"),
+         "not valid JSON (nested too deeply"),
     Case("cli", "--model-kwargs nested 100,000 deep",
          train_with("--model-kwargs", "[" * 100_000 + "]" * 100_000), "not a JSON object", 2),
     Case("cli", "summary of an impossible input size", plain(
@@ -642,6 +733,76 @@ CASES += [
     for n in TYPES
     if n not in ("data_dir", "out", "dataset")
 ]  # fmt: skip
+# Files nin did not write (special, endless, huge), saved runs, messages that echo the input:
+# each kind gets one line, at once (issue 30).
+MANY_KEYS = json.dumps({f"setting{i}": 1 for i in range(50_000)})
+CASES += [
+    Case("files", "--config /dev/zero", config_at(lambda tmp: Path("/dev/zero")),
+         "a character device, not a regular file"),
+    Case("files", "--config /dev/urandom", config_at(lambda tmp: Path("/dev/urandom")),
+         "a character device, not a regular file"),
+    Case("files", "--config a FIFO", config_at(lambda tmp: fifo(tmp / "settings.json")),
+         "a named pipe, not a regular file"),
+    Case("files", "--config a directory", config_at(lambda tmp: tmp), "a directory, not a"),
+    Case("files", "--config of 100 MB", config_at(
+        lambda tmp: sparse(tmp / "settings.json", 10**8)), "over the 1,048,576 such a file"),
+    Case("files", "--config in YAML", config_at(lambda tmp: write(tmp / "s.yaml", "epochs: 3\n")),
+         "--config reads JSON, or TOML from a .toml file"),
+    Case("files", "a saved run's config.json is a FIFO", edit_checkpoint(
+        replace_file("config.json", fifo)), "config.json: a named pipe, not a regular file"),
+    Case("files", "a saved run's config.json is a directory", edit_checkpoint(
+        replace_file("config.json", Path.mkdir)), "config.json: a directory, not a regular"),
+    Case("files", "a saved run's config.json of 100 MB", edit_checkpoint(
+        replace_file("config.json", lambda p: sparse(p, 10**8))), "over the 67,108,864"),
+    Case("files", "a saved run's weights are a directory", edit_checkpoint(
+        replace_file("model.safetensors", Path.mkdir)), "a directory, not a regular file"),
+    Case("files", "an image folder of a FIFO, /dev/zero, dangling links, loops and bombs",
+         train_folder(0, bad=True), "none of its 10 image files could be decoded"),
+    Case("files", "--holdout larger than an image folder", train_folder(3, "--holdout", "10"),
+         "--holdout 10 would take every one of its 6 training pictures"),
+    Case("files", "an image folder of one picture a class", train_folder(1),
+         "the validation split took every picture"),
+    # A saved run is checked as training checks its settings, whoever wrote it.
+    Case("checkpoint", "a saved run's resize of 100,000", edit_checkpoint(
+        edit_config(resize=100_000)), "config.json: --resize must be at most 4096"),
+    Case("checkpoint", "a saved run's resize of -1", edit_checkpoint(edit_config(resize=-1)),
+         "config.json: --resize must be at least 1"),
+    Case("checkpoint", "a saved run of a hundred million 1×1 convolutions", edit_checkpoint(
+        edit_config(model_kwargs={"num_pointwise": 100_000_000})),
+         "num_pointwise must be from 0 to 16"),
+    Case("checkpoint", "predict with a saved run's resize of -1", predict_with(
+        edit_config(resize=-1)), "--resize must be at least 1"),
+    # The model's cost, whatever sets it: depth before it is built, then its parameters.
+    Case("cli", "3,000 1×1 convolutions a block",
+         train_with("--model-kwargs", '{"num_pointwise": 3000}'), "must be from 0 to 16"),
+    Case("cli", "a network of 250 million parameters",
+         train_with("--model-kwargs", '{"width": 16, "num_pointwise": 16}'),
+         "has 251,745,418 parameters"),
+    Case("cli", "dropout of NaN", train_with("--model-kwargs", '{"dropout": NaN}'),
+         "dropout must be in [0, 1], got nan"),
+    Case("cli", "weight decay of -Infinity", train_with("--weight-decay=-inf"),
+         "--weight-decay must be 0 or more, got -inf"),
+    Case("cli", "a 4,000-digit number of epochs", train_with("--epochs", "9" * 4000),
+         "more characters"),
+    Case("cli", "a model name of 900 kB", config_file(model="x" * 900_000),
+         "unknown model 'xxx"),
+    Case("cli", "50,000 unknown settings in a config file", config_at(
+        lambda tmp: write(tmp / "many.json", MANY_KEYS)), "and 49,995 more"),
+    Case("cli", "5,000 empty class folders", train_folder(2, empty=5000), "and 4,995 more"),
+    Case("cli", "a NUL byte in a config file's name", config_file(data="pictures\u0000"),
+         "--data holds a NUL byte"),
+    # --force replaces an earlier export or report, never a run's own files.
+    Case("output", "export onto the run's split.json, with --force", export_to(
+        lambda run: write(run / "split.json", "{}"), "--force"), "--force replaces only those"),
+    Case("output", "export onto the run's .lock, with --force", export_to(
+        lambda run: write(run / ".lock", "123"), "--force"), "--force replaces only those"),
+    Case("output", "report onto the run's split.json, with --force", lambda tmp, mp: [
+        "report", str(checkpoint_dir(tmp)), "--out", str(write(tmp / "ckpt" / "split.json", "{}")),
+        "--force"], "--force replaces only those"),
+    Case("output", "export to a name with a NUL byte", export_to(lambda run: run / "a\0b.pt2"),
+         "cannot write"),
+]  # fmt: skip
+
 MESSAGES: dict[str, str] = {}
 
 
@@ -695,6 +856,7 @@ def exit_status(argv: list[str]) -> int:
 
 GROUPS = {
     "data": "Data files",
+    "files": "Files nin did not write: special, endless, huge; image folders",
     "cli": "Command-line values",
     "values": "Every numeric setting of nin train (generated from TrainConfig)",
     "checkpoint": "Checkpoints",

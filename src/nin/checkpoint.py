@@ -23,15 +23,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from nin.config import CONFIG, FIX, parse_json, read_config
+from nin.config import CONFIG, FIX, MAX_PARAMETERS, MAX_RECORD_BYTES, parse_json, read_config
 from nin.errors import NinError
-from nin.files import atomic_path, write_json
+from nin.files import atomic_path, open_file, read_file, write_json
 from nin.models import create_model
 
 WEIGHTS = "model.safetensors"
 LAST = "last.safetensors"
 BEST = "best.safetensors"
 METRICS = "metrics.jsonl"
+# The largest weights or training state nin reads: float32 weights, their gradients' momentum
+# and lookahead's copy, of the largest model it builds, with room to spare.
+MAX_WEIGHTS_BYTES = 16 * MAX_PARAMETERS
 STATE_FORMAT = "nin-train-state-2"  # a training-state file: model tensors carry a "model." prefix
 # What a resume may change about a run (config.WHERE, the directory's name), what it records
 # besides its settings, and the process count (the training state says more about that): left
@@ -90,8 +93,7 @@ def check_header(path: Path) -> None:
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; anything else is a one-line error."""
-    if not path.is_file():
-        raise NinError(f"{path}: not found; {FIX}")
+    open_file(path, MAX_WEIGHTS_BYTES, FIX).close()  # a regular file of a sane size, or one line
     try:
         check_header(path)
         with safe_open(str(path), framework="pt") as f:
@@ -290,10 +292,11 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl (empty if it has none)."""
     path = run_dir / METRICS
-    if not path.is_file():
+    if not path.exists():
         return []
+    text = read_file(path, MAX_RECORD_BYTES, "was the file edited?").decode(errors="replace")
     try:
-        rows = [parse_json(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [parse_json(line) for line in text.splitlines() if line.strip()]
     except ValueError as e:
         raise NinError(f"{path}: not JSON lines ({e}); was the file edited?") from None
     if not all(isinstance(row, dict) and "epoch" in row for row in rows):

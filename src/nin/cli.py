@@ -14,7 +14,9 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from nin import __version__
-from nin.errors import NinError
+from nin.errors import NinError, cut
+
+MAX_MESSAGE = 1000  # characters of an error line; the rest is counted, not printed
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -30,6 +32,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def model_for_input(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], list[Any]]:
     """The model `args.model` built for `args.input_size` (default: the model's own), checked."""
+    from nin.config import check_model
     from nin.models import create_model, model_info
     from nin.resources import summarize
 
@@ -38,6 +41,7 @@ def model_for_input(args: argparse.Namespace) -> tuple[Any, tuple[int, ...], lis
         size = tuple(args.input_size) if args.input_size else info.input_size
         if any(d < 1 for d in size):
             raise NinError(f"--input-size must be three positive numbers C H W, got {size}")
+        check_model(args.model, {}, args.num_classes, size[0], max(size[1:]))
         model = create_model(args.model, num_classes=args.num_classes, in_channels=size[0])
     except ValueError as e:
         raise NinError(str(e)) from None
@@ -395,8 +399,8 @@ def add_eval_command(sub: Any) -> None:
 
 
 FORCE_HELP = (
-    "replace the file at --out if there is one (an earlier export or report); never a "
-    "checkpoint, a directory or a device"
+    "replace the file at --out if it is an earlier export or report; never a run's own "
+    "files, a directory or a device"
 )
 
 
@@ -509,7 +513,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def short(name: Any, limit: int = 80) -> str:
     """A file name for a message, its middle elided when it is longer than `limit`."""
     text = os.fsdecode(name) if isinstance(name, str | bytes | os.PathLike) else str(name)
-    return text if len(text) <= limit else f"{text[: limit // 2]}…{text[-limit // 2 + 1 :]}"
+    return cut(text, limit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             args.func(args)
-    except NinError as e:
-        print(f"nin: error: {e}", file=sys.stderr)
+    except NinError as e:  # cut short: a message may echo a huge input
+        print(f"nin: error: {cut(str(e), MAX_MESSAGE)}", file=sys.stderr)
         return 1
     except OSError as e:  # what no check foresaw (a name over the system's limit...): one line
         where = f"{short(e.filename)}: " if e.filename is not None else ""

@@ -24,10 +24,12 @@ except ImportError:  # Python 3.10: JSON configs only
     tomllib = None
 
 from nin.data import DATASETS, dataset_spec
-from nin.errors import NinError
+from nin.errors import NinError, cut, some
 from nin.fast import TTA_LEVELS
-from nin.models import create_model, model_info
+from nin.files import read_file
+from nin.models import count_parameters, create_model, model_info
 from nin.presets import PRESETS
+from nin.resources import leaf_rows, summarize
 
 CONFIG = "config.json"  # a run directory's settings and record
 FIX = "give a run directory written by `nin train`, or one of its .safetensors files"
@@ -45,6 +47,9 @@ REQUIRED_TYPES = {
     "model_kwargs": (dict,),
 }
 LIMITS = {"num_classes": 100_000, "in_channels": 1024}  # a larger model would not fit memory
+# The most bytes a file of settings may hold: a --config file; a run's config.json, which
+# also names an image folder's classes (up to 100,000 of them).
+MAX_SETTINGS_BYTES, MAX_RECORD_BYTES = 2**20, 64 * 2**20
 SCHEDULES = ("constant", "onecycle", "linear")
 INITS = ("default", "xavier", "whiten")
 
@@ -174,7 +179,7 @@ def make_config(preset: str = "compact", scale_lr: bool = False, **overrides: An
     the preset's learning rate times new batch / preset batch, unless an lr is given too.
     """
     if not isinstance(preset, str) or preset not in PRESETS:  # a config file may hold anything
-        raise NinError(f"unknown preset {preset!r:.60}; choose one of: {', '.join(PRESETS)}")
+        raise NinError(f"unknown preset {cut(repr(preset))}; choose one of: {', '.join(PRESETS)}")
     base = PRESETS[preset].settings
     given = {k: v for k, v in overrides.items() if v is not None}
     values = {**base, **given}
@@ -200,12 +205,13 @@ def saved_config(saved: dict[str, Any], **here: Any) -> TrainConfig:
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
-    """The config.json of a run directory, checked for the keys that rebuild its model."""
+    """The config.json of a run directory, checked as a training run's config is (the keys
+    that rebuild its model, every value in its range, the model within its cost): whoever
+    handed out the run directory, loading it takes bounded time and memory."""
     path = run_dir / CONFIG
-    if not path.is_file():
-        raise NinError(f"{path}: not found; {FIX}")
+    text = read_file(path, MAX_RECORD_BYTES, FIX)
     try:
-        config = parse_json(path.read_text())
+        config = parse_json(text)
         if not isinstance(config, dict):
             raise TypeError("not a JSON object")
         missing = [k for k in REQUIRED if k not in config]
@@ -213,7 +219,14 @@ def read_config(run_dir: Path) -> dict[str, Any]:
             raise KeyError(", ".join(missing))
         check_types(config)
     except (ValueError, KeyError, TypeError) as e:  # ValueError covers JSON and decode errors
-        raise NinError(f"{path}: not a valid nin config (missing or bad: {e})") from None
+        raise NinError(f"{path}: not a valid nin config (missing or bad: {cut(str(e))})") from None
+    try:
+        saved_config(config)
+        kwargs = config.get("model_kwargs", {})
+        size = config["in_channels"], config["resize"]
+        check_model(config["model"], kwargs, config["num_classes"], *size)
+    except NinError as e:
+        raise NinError(f"{path}: {e}; {FIX}") from None
     return config
 
 
@@ -225,7 +238,7 @@ def check_types(config: dict[str, Any]) -> None:
         value = config[key]
         if type(value) not in types:  # `type`, not isinstance: True is no number of classes
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise TypeError(f"{key} must be {names}, got {value!r}")
+            raise TypeError(f"{key} must be {names}, got {cut(repr(value))}")
         if key in LIMITS and not 1 <= value <= LIMITS[key]:
             raise TypeError(f"{key} must be from 1 to {LIMITS[key]}, got {value!r}")
 
@@ -241,20 +254,22 @@ def parse_json(text: str | bytes, **options: Any) -> Any:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The settings in a JSON or TOML file (a run's config.json will do), as field values."""
     path = Path(path)
+    form = "TOML" if path.suffix == ".toml" else "JSON"
+    text = read_file(path, MAX_SETTINGS_BYTES, "--config takes a JSON or TOML file of settings")
+    if form == "TOML" and tomllib is None:
+        raise NinError(f"{path}: TOML needs Python 3.11 or later; give a JSON file")
     try:
-        text = path.read_text()
-        if path.suffix == ".toml" and tomllib is None:
-            raise NinError(f"{path}: TOML needs Python 3.11 or later; give a JSON file")
-        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except OSError as e:
-        raise NinError(f"{path}: cannot be read ({e.strerror or e})") from None
+        values = tomllib.loads(text.decode()) if form == "TOML" else parse_json(text)
     except (ValueError, RecursionError) as e:  # JSON, TOML, decoding errors; too deep nesting
-        raise NinError(f"{path}: not valid {path.suffix[1:] or 'JSON'} ({e})") from None
+        raise NinError(
+            f"{path}: not valid {form} ({cut(str(e))}); --config reads JSON, or TOML from a "
+            ".toml file"
+        ) from None
     if not isinstance(values, dict):
         raise NinError(f'{path}: not a table of settings; write {{"epochs": 3, ...}}')
     unknown = sorted(set(values) - set(FIELDS) - set(RUN_RECORD))
     if unknown:
-        names = ", ".join(repr(k)[:40] for k in unknown)
+        names = some(map(repr, unknown))
         raise NinError(f"{path}: unknown settings {names}; see `nin train --help`")
     return {k: v for k, v in values.items() if k in FIELDS}
 
@@ -264,20 +279,18 @@ def check_config(config: TrainConfig) -> TrainConfig:
     for name, (kind, optional) in TYPES.items():  # a value read from a file may be anything
         value = getattr(config, name)
         if kind is float and type(value) is int:
+            if abs(value) > FLOAT32_MAX:  # past what a float holds: float() would overflow
+                raise NinError(f"--{flag(name)} must be a finite number, got {cut(str(value))}")
             setattr(config, name, value := float(value))
         if type(value) is not kind and not (value is None and optional):
-            raise NinError(f"--{flag(name)} must be {kind.__name__}, got {value!r}")
+            raise NinError(f"--{flag(name)} must be {kind.__name__}, got {cut(repr(value))}")
+        if kind is str and value and "\0" in value:  # no file name holds one
+            raise NinError(f"--{flag(name)} holds a NUL byte, which no name may hold")
     try:
         model_info(config.model)
     except ValueError as e:  # the registry's own line: unknown model, and the known ones
-        raise NinError(str(e)) from None
-    dataset_spec(config.dataset)
-    check_model_kwargs(config.model, config.model_kwargs)
-    try:
-        with torch.device("meta"):  # builds the model without allocating its weights
-            create_model(config.model, **config.model_kwargs)
-    except (TypeError, ValueError) as e:
-        raise NinError(f"--model-kwargs do not fit {config.model!r} ({e})") from None
+        raise NinError(cut(str(e), 400)) from None
+    spec = dataset_spec(config.dataset)
     if config.data and config.resize is None:  # an image folder is decoded at the model's size
         config.resize = model_info(config.model).input_size[-1]
     if config.channels not in (None, 1, 3):
@@ -287,8 +300,16 @@ def check_config(config: TrainConfig) -> TrainConfig:
     for name, known in (("schedule", SCHEDULES), ("init", INITS), ("tta", tuple(TTA_LEVELS))):
         if getattr(config, name) not in known:
             choices = ", ".join(map(str, known))
-            raise NinError(f"unknown --{name} {getattr(config, name)!r}; choose one of: {choices}")
-    return check_ranges(config)
+            value = cut(repr(getattr(config, name)))
+            raise NinError(f"unknown --{name} {value}; choose one of: {choices}")
+    check_ranges(config)
+    if config.data:  # the folder says how many classes and channels; the model's are used here
+        check_model(config.model, config.model_kwargs, None, config.channels, config.resize)
+    else:
+        channels = len(spec.mean) if isinstance(spec.mean, tuple) else 1
+        side = config.resize or spec.side
+        check_model(config.model, config.model_kwargs, len(spec.classes), channels, side)
+    return config
 
 
 def check_ranges(config: TrainConfig) -> TrainConfig:
@@ -310,18 +331,19 @@ def check_ranges(config: TrainConfig) -> TrainConfig:
     for name, (kind, _) in TYPES.items():  # counts past 32 bits overflow the device's integers
         value = getattr(config, name)
         if kind is int and name != "seed" and value is not None and value > MAX_COUNT:
-            raise NinError(f"--{flag(name)} must be at most {MAX_COUNT:,}, got {value:,}")
-    for name in ("lr", "weight_decay", "momentum", "bias_lr_scale", "label_smoothing"):
-        if abs(getattr(config, name)) > FLOAT32_MAX:  # finite in Python, infinite on the device
-            raise NinError(
-                f"--{flag(name)} must be at most {FLOAT32_MAX:.3g}, got {getattr(config, name)}"
-            )
+            raise NinError(f"--{flag(name)} must be at most {MAX_COUNT:,}, got {cut(f'{value:,}')}")
     for name in ("lr", "bias_lr_scale"):
-        if not getattr(config, name) > 0 or not math.isfinite(getattr(config, name)):
+        if not getattr(config, name) > 0:
             raise NinError(f"--{flag(name)} must be a positive number, got {getattr(config, name)}")
     for name in ("momentum", "weight_decay", "lookahead"):
         if not getattr(config, name) >= 0:
             raise NinError(f"--{flag(name)} must be 0 or more, got {getattr(config, name)}")
+    for name in ("lr", "weight_decay", "momentum", "bias_lr_scale", "label_smoothing"):
+        if not abs(getattr(config, name)) <= FLOAT32_MAX:  # a larger one is infinite on the device
+            raise NinError(
+                f"--{flag(name)} must be a finite number, at most {FLOAT32_MAX:.3g}, got "
+                f"{getattr(config, name)}"
+            )
     if not 0 <= config.rotate <= 180:
         raise NinError(f"--rotate must be in [0, 180] degrees, got {config.rotate}")
     if not 0 <= config.label_smoothing < 1:
@@ -333,28 +355,69 @@ MAX_COUNT = 2**31 - 1  # every count-like setting (epochs, steps, examples, pixe
 MAX_SIDE = 4096  # --resize: past this, one image's activations alone outgrow most machines
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_WIDTH = 16  # nin_compact's width: its parameters grow with the square, 78 M at 16
+# What a model may cost, so that anything accepted builds, loads and trains in bounded time and
+# memory: checked on the meta device (no weights allocated) for every model nin builds.
+MAX_DEPTH = 16  # a `num_*` count of layers (1×1 convolutions a block): the paper has 2
+MAX_PARAMETERS = 100_000_000  # 13× the largest preset (nin_imagenet); 1.6 GB with SGD's state
+MAX_FLOPS = 10**12  # forward FLOPs an image at the input size: 650× nin_d2l's at 224×224
+RANGES = {  # model keyword arguments with a range of their own: (the range in words, its test)
+    "width": (f"in (0, {MAX_WIDTH}]", lambda v: 0 < v <= MAX_WIDTH),
+    "dropout": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "num_": (f"from 0 to {MAX_DEPTH}", lambda v: 0 <= v <= MAX_DEPTH),  # checked before building
+}
+
+
+def check_model(
+    name: str,
+    kwargs: dict[str, Any],
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    side: int | None = None,
+) -> None:
+    """The one check of a model nin builds, whatever gave its settings (flags, a config file,
+    a run's config.json, torch.hub): its keyword arguments, then its parameters and its FLOPs
+    an image at `side` (default: the model's input size), counted on the meta device."""
+    check_model_kwargs(name, kwargs)
+    info = model_info(name)
+    side = side or info.input_size[-1]
+    size = (in_channels or info.input_size[0], side, side)
+    try:
+        with torch.device("meta"):  # builds the model without allocating its weights
+            model = create_model(name, num_classes, in_channels, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise NinError(f"--model-kwargs do not fit {name!r} ({cut(str(e), 200)})") from None
+    try:
+        flops = sum(row.flops for row in leaf_rows(summarize(model, size)))
+    except RuntimeError:  # the model cannot take this size: where it is used, that is said
+        flops = 0
+    params = count_parameters(model)
+    if params > MAX_PARAMETERS or flops > MAX_FLOPS:
+        raise NinError(
+            f"model {name!r} so configured has {params:,} parameters and takes {flops:.2g} "
+            f"FLOPs an image of {'×'.join(map(str, size))}; nin builds up to "
+            f"{MAX_PARAMETERS:,} parameters and {MAX_FLOPS:.0e} FLOPs; lower its width, its depth "
+            "(num_pointwise) or the input size"
+        )
 
 
 def check_model_kwargs(model: str, kwargs: dict[str, Any]) -> None:
-    """Model keyword arguments are plain values of a sane size and of the builder's types
-    (where its signature says), and not what the data sets."""
+    """Model keyword arguments are plain values of the builder's types (where its signature
+    says), in their ranges (RANGES), and not what the data sets."""
     params = inspect.signature(model_info(model).build).parameters
     for key, value in kwargs.items():
         default = params[key].default if key in params else None
         if isinstance(default, bool | int | float | str) and not fits(value, type(default)):
-            raise NinError(f"--model-kwargs {key} must be {type(default).__name__}, got {value!r}")
+            kind = type(default).__name__
+            raise NinError(f"--model-kwargs {key} must be {kind}, got {cut(repr(value))}")
         if key in ("num_classes", "in_channels"):
             raise NinError(f"--model-kwargs cannot set {key}: the data does")
         if not isinstance(value, bool | int | float | str | None):
             raise NinError(f"--model-kwargs {key} must be a number, a string or true/false")
-        if (
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and not (math.isfinite(value) and abs(value) <= MAX_SIDE)
-        ):
-            raise NinError(f"--model-kwargs {key} must be at most {MAX_SIDE}, got {value}")
-        if key == "width" and not (fits(value, float) and 0 < value <= MAX_WIDTH):
-            raise NinError(f"--model-kwargs width must be in (0, {MAX_WIDTH}], got {value}")
+        words, test = RANGES.get("num_" if key.startswith("num_") else key, ("", None))
+        if test and not (fits(value, float) and test(value)):
+            raise NinError(f"--model-kwargs {key} must be {words}, got {cut(repr(value))}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NinError(f"--model-kwargs {key} must be a finite number, got {value}")
 
 
 def fits(value: Any, kind: type) -> bool:

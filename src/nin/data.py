@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nin.errors import NinError
-from nin.files import atomic_path, no_empty_dirs_left
+from nin.files import atomic_path, no_empty_dirs_left, open_file
 
 IDX_DTYPES = {0x08: torch.uint8}
-MAX_IDX_BYTES = 1 << 30  # the largest official IDX file unpacks to 47 MB
+MAX_IDX_BYTES = 1 << 30  # the largest official IDX file unpacks to 47 MB; also any data file's cap
 CIFAR_SIDE = 32
 CIFAR_RECORD = 1 + 3 * CIFAR_SIDE * CIFAR_SIDE  # one label byte, then the R, G and B planes
 
@@ -143,6 +143,12 @@ def classes_of(config: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(config.get("classes") or dataset_spec(config["dataset"]).classes)
 
 
+def data_name(config: Mapping[str, Any]) -> str:
+    """What a run trains on, in a word: its image folder's name, or its data set's."""
+    folder = config.get("data")
+    return Path(folder).expanduser().absolute().name if folder else config["dataset"]
+
+
 def dataset_spec(name: str) -> DatasetSpec:
     """The spec of a known data set, or a clear error listing the known names."""
     if name not in DATASETS:
@@ -157,9 +163,9 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def md5sum(path: Path) -> str:
-    """Hex md5 of a file, read in chunks."""
+    """Hex md5 of a data file, read in chunks (a FIFO or a device is refused, never read)."""
     digest = hashlib.md5()
-    with open(path, "rb") as f:
+    with open_file(path, MAX_IDX_BYTES, "delete it and run again to download it") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -252,8 +258,6 @@ def _ensure(
 
 
 def _check_md5(path: Path, md5: str) -> None:
-    if not path.is_file():  # a FIFO or a link to /dev/zero would be read forever
-        raise NinError(f"{path}: not a regular file; delete it and run again to download it")
     try:
         actual = md5sum(path)
     except OSError as e:
@@ -370,7 +374,7 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     path = Path(path)
     fix = "delete it and run again to download a fresh copy"
     try:
-        with gzip.open(path, "rb") as f:
+        with open_file(path, MAX_IDX_BYTES, fix) as raw, gzip.open(raw, "rb") as f:
             data = f.read(MAX_IDX_BYTES + 1)  # a gzip bomb stops here
         if len(data) > MAX_IDX_BYTES:
             raise NinError(f"{path}: unpacks to over {MAX_IDX_BYTES >> 20} MiB; {fix}")
@@ -406,14 +410,13 @@ def read_cifar(
     path = Path(path)
     fix = f"delete {path.parent} and run again to unpack a fresh copy"
     try:
-        if path.exists() and not path.is_file():  # a FIFO or a device would be read forever
-            raise NinError(f"{path}: not a regular file; {fix}")
-        size = path.stat().st_size  # checked before reading: a huge or sparse file stays unread
-        expected = records * CIFAR_RECORD
-        if (records and size != expected) or not size or size % CIFAR_RECORD:
-            need = f"{expected} bytes" if records else f"a multiple of {CIFAR_RECORD} bytes"
-            raise NinError(f"{path}: holds {size} bytes, not {need} of CIFAR records; {fix}")
-        data = np.fromfile(path, dtype=np.uint8)
+        with open_file(path, MAX_IDX_BYTES, fix) as f:
+            size = os.fstat(f.fileno()).st_size  # checked before reading
+            expected = records * CIFAR_RECORD
+            if (records and size != expected) or not size or size % CIFAR_RECORD:
+                need = f"{expected} bytes" if records else f"a multiple of {CIFAR_RECORD} bytes"
+                raise NinError(f"{path}: holds {size} bytes, not {need} of CIFAR records; {fix}")
+            data = np.fromfile(f, dtype=np.uint8)
     except FileNotFoundError:
         raise NinError(f"{path}: file not found") from None
     except OSError as e:

@@ -27,6 +27,8 @@ from nin.errors import NinError
 from nin.files import atomic_path, check_out_path
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
+# The first bytes of each: an ONNX model starts with its IR version's field, a .pt2 is a zip.
+MAGIC = {"onnx": b"\x08", "torch-export": b"PK\x03\x04"}
 CHECK_BATCHES = (1, 3)  # 1 and a size the export never saw: the batch dimension must be free
 MAX_DIFFERENCE = 1e-3  # float32 reorderings stay far below this; a wrong graph does not
 
@@ -183,7 +185,8 @@ def export_model(
     `images`, the file takes uint8 pictures of any size (see `WithPreprocessing`)."""
     if fmt not in FORMATS:
         raise NinError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    check_out_path(path, force)  # before the export's work, and again before the rename
+    ours = (FORMATS[fmt], MAGIC[fmt])  # what --force may replace: an earlier export
+    check_out_path(path, force, ours)  # before the export's work, and again before the rename
     if fmt == "onnx":
         require_onnx()
     model = model.cpu().float().eval()
@@ -192,7 +195,7 @@ def export_model(
     if images:
         model = WithPreprocessing(model, config).eval()
     export = export_onnx if fmt == "onnx" else export_program
-    with atomic_path(path, lambda p: check_out_path(p, force)) as tmp, quiet():
+    with atomic_path(path, lambda p: check_out_path(p, force, ours)) as tmp, quiet():
         try:
             run, checked_with = export(model, shape, tmp, onnx_metadata(config, model))
             differences = compare(run, model, shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import io
 import json
 import os
@@ -13,9 +14,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from nin.errors import NinError
+from nin.errors import NinError, cut
 
 
 @contextmanager
@@ -59,15 +60,56 @@ KINDS = {  # what a path may be besides a regular file, by the stat test that fi
 }
 
 
-def check_out_path(path: Path, force: bool = False) -> None:
+def open_file(path: Path, limit: int, fix: str) -> BinaryIO:
+    """Open a file nin did not write, to read: a regular file of at most `limit` bytes, else a
+    one-line NinError ending in `fix`. Opened without waiting, so a FIFO never blocks, and
+    checked once open, so a device, a socket or a directory is never read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise NinError(f"{path}: {why_unreadable(e)}; {fix}") from None
+    found = os.fstat(fd)
+    kind = next((name for test, name in KINDS.items() if test(found.st_mode)), "not regular")
+    problem = "" if stat.S_ISREG(found.st_mode) else f"{kind}, not a regular file"
+    if not problem and found.st_size > limit:
+        problem = f"{found.st_size:,} bytes, over the {limit:,} such a file may hold"
+    if problem:
+        os.close(fd)
+        raise NinError(f"{path}: {problem}; {fix}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def why_unreadable(e: OSError | ValueError) -> str:
+    """Why a file could not be opened, in a few words."""
+    if isinstance(e, ValueError):
+        return "a name with a NUL byte"
+    if e.errno == errno.ELOOP:
+        return "a symbolic link loop"
+    return "not found" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror or e})"
+
+
+def read_file(path: Path, limit: int, fix: str) -> bytes:
+    """The bytes of a file nin did not write (see `open_file`)."""
+    with open_file(path, limit, fix) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew since it was opened
+        raise NinError(f"{path}: over the {limit:,} bytes such a file may hold; {fix}")
+    return data
+
+
+def check_out_path(path: Path, force: bool = False, ours: tuple[str, bytes] = ("", b"")) -> None:
     """Refuse an output path (`--out`) whose file nin would destroy: anything but a regular
-    file, or a checkpoint, always; any other existing file unless `force` (an earlier export)."""
+    file, or a checkpoint, always; any other existing file unless `force`, and even then
+    unless it is of the kind the command writes (`ours`: its suffix and first bytes), so
+    that no other file of a run (split.json, .lock) is ever replaced."""
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
         return
-    except OSError as e:
-        raise NinError(f"cannot write {path} ({e.strerror or e}); choose another --out") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        reason = f"{cut(repr(str(path)))} ({getattr(e, 'strerror', None) or e})"
+        raise NinError(f"cannot write {reason}; choose another --out") from None
     kind = next((name for test, name in KINDS.items() if test(mode)), None)
     if kind or not stat.S_ISREG(mode):
         raise NinError(
@@ -83,6 +125,14 @@ def check_out_path(path: Path, force: bool = False) -> None:
         raise NinError(
             f"{path} already exists; give --force to replace it (an earlier export or report), "
             "or choose another --out"
+        )
+    suffix, magic = ours
+    with open(path, "rb") as f:
+        head = f.read(len(magic))
+    if path.suffix != suffix or head != magic:
+        raise NinError(
+            f"{path} is not a {suffix} file nin wrote, and --force replaces only those (never "
+            "a run's own files); choose another --out"
         )
 
 

@@ -20,12 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from nin.errors import NinError
+from nin.device import memory_budget
+from nin.errors import NinError, some
 from nin.files import atomic_path
-from nin.images import colour_channels, open_image, quiet_pillow, to_pixels
+from nin.images import (
+    DECODE_BYTES,
+    colour_channels,
+    decode_side,
+    open_image,
+    quiet_pillow,
+    to_pixels,
+)
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
@@ -66,6 +74,11 @@ class FolderData:
         train, val = self.split("train"), self.split("val")
         if len(val):
             return train, val, False
+        if holdout >= len(train):
+            raise NinError(
+                f"{self.root}: --holdout {holdout} would take every one of its {len(train)} "
+                "training pictures for validation; give a smaller --holdout"
+            )
         generator = torch.Generator().manual_seed(seed)
         labels = self.labels[train]
         fraction = holdout / len(train) if holdout else VAL_FRACTION
@@ -75,6 +88,11 @@ class FolderData:
             members = members[torch.randperm(len(members), generator=generator)]
             carved.append(members[: max(1, round(fraction * len(members)))])
         val = torch.cat(carved).sort().values
+        if len(val) == len(train):  # one picture a class: each is carved for validation
+            raise NinError(
+                f"{self.root}: the validation split took every picture (at least one a class); "
+                "add pictures (two or more a class), or a val/ folder"
+            )
         return train[~torch.isin(train, val)], val, True
 
 
@@ -142,24 +160,32 @@ def find_images(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
     found = []
     for top in tops:
         for label, name in enumerate(classes):
-            files = sorted(p for p in (top / name).rglob("*") if p.suffix.lower() in SUFFIXES)
+            # Other files too (regular, not hidden): decoding skips them and lists why.
+            files = sorted(
+                p for p in (top / name).rglob("*")
+                if p.suffix.lower() in SUFFIXES or (not p.name.startswith(".") and p.is_file())
+            )  # fmt: skip
             found += [(str(p.relative_to(root)), label) for p in files]
     return classes, found
 
 
 def decode(path: Path, channels: int, side: int) -> np.ndarray:
-    """One image file as uint8 (channels, side, side); a bad file is a NinError naming why."""
-    if path.stat().st_size == 0:
-        raise NinError("empty file")
+    """One image file as uint8 (channels, side, side); a bad file is a NinError naming why.
+    A big picture is decoded at reduced size where its format allows (JPEG), else reduced at
+    once, as `nin predict` and `nin serve` do."""
     with quiet_pillow():  # Pillow's EXIF and palette notes are not the user's
-        return to_pixels(open_image(path, FORMATS), channels, side)[0].transpose(2, 0, 1)
+        image = open_image(path, FORMATS, shrink_to=decode_side(side))
+        return to_pixels(image, channels, side)[0].transpose(2, 0, 1)
 
 
 def cache_key(root: Path, found: list[tuple[str, int]], channels: int, side: int) -> str:
     """A digest of the files (names, sizes, modification times), the channels and the side."""
     digest = hashlib.sha256(f"{CACHE_VERSION} {channels} {side}".encode())
     for name, label in found:
-        st = (root / name).stat()
+        try:
+            st = (root / name).stat()
+        except OSError:  # a dangling link, a loop: decoding skips it and says why
+            st = (root / name).lstat()
         digest.update(f"\n{name}\0{label}\0{st.st_size}\0{st.st_mtime_ns}".encode())
     return digest.hexdigest()[:20]
 
@@ -181,19 +207,41 @@ def load_folder(root: str, side: int, channels: int | None = None) -> FolderData
     # Keyed by the channels asked for (0: from the data), so a cached folder's files are not
     # opened again to tell grey from colour.
     cache = cache_dir() / f"{path.name}-{cache_key(path, found, channels or 0, side)}.safetensors"
-    if not cache.is_file():
+    read = read_cache(cache, len(classes), channels, side)
+    if read is None:  # none yet, or one cut short or not of this folder's shape: decode again
         channels = channels or colour_channels([path / name for name, _ in found])
         write_cache(cache, path, classes, found, channels, side)
+        read = read_cache(cache, len(classes), channels, side)
+    if read is None:
+        raise NinError(f"{cache}: the cache just written cannot be read back; delete it")
+    meta, labels, images = read
+    data = FolderData(path, classes, images, labels, meta["files"], meta["skipped"])
+    check_classes(data)
+    return data
+
+
+def read_cache(
+    cache: Path, classes: int, channels: int | None, side: int
+) -> tuple[dict, torch.Tensor, CachedImages] | None:
+    """A cache file's metadata, labels and images, or None if it is missing, damaged or not of
+    the shape asked for (it is rebuilt then: the cache, not the settings, is wrong)."""
     try:
         with safe_open(str(cache), framework="pt") as f:
             meta = json.loads(f.metadata()["nin"])
             labels = f.get_tensor("labels")
-            images = CachedImages(cache, tuple(f.get_slice("images").get_shape()))
-    except (OSError, ValueError, KeyError) as e:
-        raise NinError(f"{cache}: unreadable cache ({e}); delete it to decode again") from None
-    data = FolderData(path, classes, images, labels, meta["files"], meta["skipped"])
-    check_classes(data)
-    return data
+            shape = tuple(f.get_slice("images").get_shape())
+        rows, files = len(labels), len(meta["files"])
+        ok = len(shape) == 4 and shape[0] == rows == files and shape[2:] == (side, side)
+        ok = ok and shape[1] in ((channels,) if channels else (1, 3)) and labels.ndim == 1
+        ok = ok and labels.dtype == torch.long and bool(((labels >= 0) & (labels < classes)).all())
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+        return None
+    return (meta, labels, CachedImages(cache, shape)) if ok else None
+
+
+def decode_workers() -> int:
+    """Images decoded at once: one a core, at most as many as half the free memory holds."""
+    return max(1, min(os.cpu_count() or 1, memory_budget(torch.device("cpu")) // DECODE_BYTES))
 
 
 def write_cache(
@@ -208,7 +256,7 @@ def write_cache(
         except (NinError, OSError) as e:
             return str(e).removeprefix(f"{root / item[0]}: ") or type(e).__name__
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
         results = list(
             tqdm(pool.map(one, found), f"decoding {root.name}", len(found), disable=None)
         )
@@ -229,7 +277,7 @@ def check_classes(data: FolderData) -> None:
     empty = [c for c, n in zip(data.classes, counts.tolist(), strict=True) if n == 0]
     if empty:
         raise NinError(
-            f"{data.root}: no usable training image in class folder(s) {', '.join(empty)}; "
+            f"{data.root}: no usable training image in class folder(s) {some(empty)}; "
             "add images or remove the folder"
         )
 

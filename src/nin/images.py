@@ -20,9 +20,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nin.errors import NinError
+from nin.files import open_file, read_file
 
 MAX_BYTES = 20 * 2**20  # 20 MiB: far above any photo a phone takes, far below a memory problem
 MAX_PIXELS = 50_000_000  # ~7000×7000; also stops decompression bombs before they decode
+# The most one decode holds: the picture at 4 bytes a pixel, and a converted copy of it.
+DECODE_BYTES = 8 * MAX_PIXELS
+DECODE_SIDE = 256  # big images are decoded or reduced to about this long a side, not below it
 # The first bytes of each format: a file that starts like one but will not open is damaged,
 # which is worth saying (Pillow only says it cannot identify it).
 SIGNATURES = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
@@ -85,16 +89,14 @@ def open_image(
     formats: tuple[str, ...] = ("PNG", "JPEG"),
     shrink_to: int | None = None,
 ) -> Image.Image:
-    """Read an image file (see `read_image`), checking its size before reading it."""
-    path = Path(path)
-    if not path.is_file():  # a device, a FIFO or /dev/stdin would read forever
-        raise NinError(f"{path}: not a regular file; give a PNG or JPEG image")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)  # read_image refuses anything over the limit
-    except OSError as e:
-        raise NinError(f"{path}: cannot be read ({e.strerror or e})") from None
+    """Read an image file (see `read_image`): a regular file within MAX_BYTES, else one line."""
+    data = read_file(Path(path), MAX_BYTES, "give a PNG or JPEG image")
     return read_image(data, str(path), formats, shrink_to=shrink_to)
+
+
+def decode_side(side: int) -> int:
+    """The side to decode a big picture at for a model of `side`: plenty for the final resize."""
+    return max(DECODE_SIDE, 4 * side)
 
 
 @contextmanager
@@ -197,15 +199,15 @@ def border_mean(image: Image.Image) -> float:
 def colour_channels(paths: list[Path]) -> int:
     """3 if any image is in colour, 1 if every one is grey (read from the headers only)."""
     for path in paths:
-        try:
-            with Image.open(path) as image:
+        try:  # a FIFO or a device is never read, a decompression bomb never decoded
+            with open_file(path, MAX_BYTES, "") as f, quiet_pillow(), Image.open(f) as image:
                 if image.mode == "P":  # a palette of greys only is grey
                     palette = np.asarray(image.getpalette() or [], dtype=np.int64).reshape(-1, 3)
                     if not (palette == palette[:, :1]).all():
                         return 3
                 elif image.mode not in GREY_MODES:
                     return 3
-        except (OSError, SyntaxError, ValueError):
+        except (NinError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             continue  # decoding will skip it and say why
     return 1
 

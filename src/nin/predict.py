@@ -18,9 +18,8 @@ from torch import nn
 
 from nin.data import Preprocess, classes_of
 from nin.errors import NinError
-from nin.images import open_image, to_pixels
+from nin.images import decode_side, open_image, to_pixels
 
-DECODE_SIDE = 256  # big images are decoded or reduced to about this long a side, not below it
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -80,7 +79,7 @@ class Predictor:
         self.preprocess = Preprocess.for_run({**config, "channels_last": False})
         self.size = (self.preprocess.side, self.preprocess.side)
         # Big images are read at a few times the model's side: plenty for the final resize.
-        self.decode_side = max(DECODE_SIDE, 4 * self.size[0])
+        self.decode_side = decode_side(self.size[0])
         self.check_blank()
 
     def check_blank(self) -> None:

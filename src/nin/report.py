@@ -157,8 +157,9 @@ def write_report(
     checkpoint."""
     run = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
     path = Path(out) if out else run / "report.html"
-    check_out_path(path, force)  # before the evaluation, and again before the rename
+    ours = (".html", b"<!doctype html>")  # what --force may replace: an earlier report
+    check_out_path(path, force, ours)  # before the evaluation, and again before the rename
     page, summary = build_report(run, data_dir=data_dir, test_subset=test_subset, device=device)
-    with atomic_path(path, lambda p: check_out_path(p, force)) as tmp:
+    with atomic_path(path, lambda p: check_out_path(p, force, ours)) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path, summary
