@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +46,25 @@ def data_dir() -> Path:
     if not (SHARED_DATA / "fashion-mnist").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (set NIN_TEST_DATA)")
     return SHARED_DATA
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is width×height grey pixels and holds none: a decompression bomb's
+    header, all a reader needs to be fooled."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def unusable(folder: Path) -> None:
+    """Every kind of file an image folder may hold that is no picture and must not hang."""
+    os.mkfifo(folder / "pipe.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (folder / "dangling.png").symlink_to(folder / "gone.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "bomb.png").write_bytes(png_header(20_000, 20_000))

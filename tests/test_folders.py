@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from nin.folders import load_folder
 from nin.loaders import DeviceLoader, make_loader
 from nin.models import create_model
 from nin.train import train_step
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, unusable
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = list(dataset_spec("cifar10").classes)
@@ -173,6 +174,63 @@ def test_bad_files_are_skipped_and_listed_and_bad_folders_are_one_line(
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not bad_out.exists()
+
+
+def test_special_files_and_bombs_in_a_grey_folder_are_skipped_not_waited_on(tmp_path: Path):
+    """The grey-or-colour scan opens every file: a FIFO, /dev/zero, a dangling link, a loop
+    and a decompression bomb are each skipped with their reason, never read or waited on."""
+    root = tmp_path / "grey"
+    for c in range(2):
+        for i in range(3):
+            png(root / f"class{c}" / f"{i}.png", np.full((8, 8), 40 * i, np.uint8))
+        unusable(root / f"class{c}")
+    data = load_folder(str(root), 8)
+    assert data.images.shape == (6, 1, 8, 8)
+    why = dict(data.skipped)
+    assert why["class0/pipe.png"].startswith("a named pipe, not a regular file")
+    assert why["class0/zero.png"].startswith("a character device, not a regular file")
+    assert why["class0/dangling.png"].startswith("not found")
+    assert why["class0/loop.png"].startswith("a symbolic link loop")
+    assert "pixel limit" in why["class0/bomb.png"] and len(why) == 10
+
+
+def test_folder_decoding_is_bounded_in_memory(tmp_path: Path, monkeypatch) -> None:
+    """As many decodes at once as half the free memory holds; a big picture reduced at once."""
+    monkeypatch.setattr(nin.folders, "memory_budget", lambda device: 2 * nin.folders.DECODE_BYTES)
+    assert nin.folders.decode_workers() == min(2, os.cpu_count())
+    big = png(tmp_path / "big.png", np.zeros((2048, 1024), np.uint8))
+    sizes, real = [], nin.folders.to_pixels
+    monkeypatch.setattr(
+        nin.folders,
+        "to_pixels",
+        lambda image, *args: (sizes.append(image.size), real(image, *args))[1],
+    )
+    assert nin.folders.decode(big, 1, 8).shape == (1, 8, 8)
+    assert sizes == [(128, 256)]  # reduced 8 times, its longer side still 256 (decode_side(8))
+
+
+def test_a_damaged_cache_is_decoded_again(tmp_path: Path) -> None:
+    """Cut short, emptied or of another shape: the cache is what is wrong, and it is rebuilt."""
+    from safetensors.torch import save_file
+
+    root = colour_folder(tmp_path / "pics")
+    first = load_folder(str(root), 8).images.load()
+    (cache,) = (tmp_path / "cache").glob("*.safetensors")
+    whole = cache.read_bytes()
+    other = tmp_path / "other.safetensors"
+    save_file(
+        {
+            "images": torch.zeros(18, 3, 4, 4, dtype=torch.uint8),
+            "labels": torch.zeros(18, dtype=torch.long),
+        },
+        str(other),
+        {"nin": json.dumps({"files": ["x"] * 18, "skipped": []})},
+    )
+    for damaged in (whole[: len(whole) // 2], b"", other.read_bytes()):
+        cache.write_bytes(damaged)
+        load_folder.cache_clear()
+        assert torch.equal(load_folder(str(root), 8).images.load(), first)
+        assert cache.read_bytes() == whole
 
 
 def test_cached_decoding_and_a_changed_folder(tmp_path: Path, monkeypatch) -> None:

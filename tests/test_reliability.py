@@ -23,7 +23,6 @@ import struct
 import subprocess
 import sys
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ from nin.distributed import World
 from nin.errors import NinError
 from nin.models import create_model
 from nin.rundir import lock_run_dir
-from tests.conftest import REPO, checkpoint_config, write_idx
+from tests.conftest import REPO, checkpoint_config, unusable, write_idx
 
 DOC = REPO / "docs" / "reliability.md"
 # What a case holds while its command runs (a lock, a mount, a signal handler): let go after it.
@@ -484,28 +483,6 @@ def predict_with(change: Callable[[Path], None]) -> Callable[[Path, pytest.Monke
         return ["predict", str(run), str(tmp / "picture.png")]
 
     return argv
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that says it is width×height grey pixels and holds none: a decompression bomb's
-    header, all a reader needs to be fooled."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-def unusable(folder: Path) -> None:
-    """Every kind of file an image folder may hold that is no picture and must not hang."""
-    fifo(folder / "pipe.png")
-    (folder / "zero.png").symlink_to("/dev/zero")
-    (folder / "dangling.png").symlink_to(folder / "gone.png")
-    (folder / "loop.png").symlink_to(folder / "loop.png")
-    (folder / "bomb.png").write_bytes(png_header(20_000, 20_000))
 
 
 def train_folder(
