@@ -48,6 +48,11 @@ def test_pretrained_errors_are_clear() -> None:
         torch.hub.load(
             str(REPO), "nin_compact", source="local", pretrained=True, num_classes=3, verbose=False
         )
+    # Checked as every model nin builds is, before it is built: its depth, then its cost.
+    with pytest.raises(NinError, match="num_pointwise must be from 0 to 16, got 3000"):
+        torch.hub.load(str(REPO), "nin_compact", source="local", num_pointwise=3000, verbose=False)
+    with pytest.raises(NinError, match="parameters"):
+        torch.hub.load(str(REPO), "nin_d2l", source="local", num_classes=10**6, verbose=False)
 
 
 def test_works_without_nin_installed(tmp_path: Path) -> None:
