@@ -1,13 +1,17 @@
 """Serve: a local web page where a person uploads or draws an image and sees the top classes.
 
 One plain HTML page (inline script and style, no frontend build) and one JSON endpoint,
-POST /predict, on FastAPI + uvicorn. Bad uploads get 400 (not an image), 411/413 (no length,
+POST /predict, on FastAPI + uvicorn; for an operator, GET /healthz (the process answers) and
+GET /info (the model, its classes and input size, nin's version), and an access log line per
+request on stderr. Bad uploads get 400 (not an image), 411/413 (no length,
 too large) or 408 (too slow) with a readable one-line message that the page shows; the model
 is never asked about them.
 
 Whoever connects, the server's memory and time stay bounded:
 - a request head must arrive within HEAD_TIMEOUT and fit in MAX_HEAD_BYTES (uvicorn's h11
-  protocol times out neither a head nor a body by itself);
+  protocol times out neither a head nor a body by itself); of the connections that have waited
+  over HEAD_GRACE for one, an address keeps HEADS_PER_CLIENT at most, and the oldest is closed
+  to let a new one in when the server is full, so half-sent heads cannot hold every slot;
 - a body must declare its length (no chunked bodies, never both headers), stay under the
   upload limit and keep flowing (BODY_IDLE_TIMEOUT, BODY_TIMEOUT); `RequestGuard` counts it
   before FastAPI's form parser sees a byte;
@@ -24,12 +28,16 @@ import html
 import json
 import logging
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+from nin import __version__
+from nin.data import data_name
 from nin.errors import NinError
 from nin.files import data_uri
 from nin.images import MAX_BYTES, TooLarge, image_png, read_image
@@ -41,7 +49,9 @@ EXTRA_FORM_BYTES = 64 * 1024  # multipart headers and boundaries around the file
 MAX_PIXELS = 4096 * 4096
 DECODE_SLOTS = 2  # images decoded and classified at once (this many × ~130 MB at worst)
 QUEUE_TIMEOUT = 10.0  # seconds a request may wait for a decode slot before a 503
-HEAD_TIMEOUT = 10.0  # seconds from connecting (or the last response) to a complete head
+HEAD_TIMEOUT = 5.0  # seconds from connecting (or the last response) to a complete head
+HEADS_PER_CLIENT = 8  # connections one address may hold waiting for a head (a browser opens ~6)
+HEAD_GRACE = 1.0  # seconds a connection waits for its head before it may be closed to make room
 BODY_IDLE_TIMEOUT = 10.0  # seconds an upload may pause
 BODY_TIMEOUT = 30.0  # seconds a whole upload may take (20 MiB at 0.7 MB/s)
 MAX_CONNECTIONS = 64  # uvicorn's limit_concurrency: connections and requests, 503 beyond
@@ -96,17 +106,41 @@ def framing_refusal(method: str, headers: list[tuple[bytes, bytes]]) -> tuple[in
     return None
 
 
+def log_request(client: tuple | None, request: str, status: int | str, started: float) -> None:
+    """The access log: one line on stderr per request (address, method and path, status,
+    milliseconds); never a header or a byte of the upload."""
+    ms = 1000 * (time.monotonic() - started)
+    address = client[0] if client else "-"
+    print(f'{address} "{request}" {status} {ms:.0f} ms', file=sys.stderr, flush=True)
+
+
 class RequestGuard:
-    """ASGI middleware: bounds each request body in size and time before the app reads it."""
+    """ASGI middleware: bounds each request body in size and time before the app reads it, and
+    logs each request once it is answered."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Callable, send: Send) -> None:
-        """Refuse bad framing at once; cut a body that grows too large or stalls."""
+        """Guard the request, then write its access log line."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started, status = time.monotonic(), []
+
+        async def noted_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.guard(scope, receive, noted_send)
+        finally:  # a path is cut and made printable: it is whatever the client sent
+            request = f"{scope['method']} {clean_name(scope['path'])}"
+            log_request(scope.get("client"), request, status[0] if status else "-", started)
+
+    async def guard(self, scope: dict, receive: Callable, send: Send) -> None:
+        """Refuse bad framing at once; cut a body that grows too large or stalls."""
         refusal = framing_refusal(scope["method"], scope["headers"])
         if refusal is not None:
             await reply(send, *refusal, close=True)
@@ -185,7 +219,34 @@ def create_app(predictor: Predictor, name: str) -> Any:
         status, body = await answer(request, predictor, slots)
         return JSONResponse(body, status_code=status)
 
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers (the model was checked when it loaded)."""
+        return {"status": "ok"}
+
+    about = info(predictor, name)
+
+    @app.get("/info")
+    def served() -> dict[str, Any]:
+        """What is served: the model, its classes, its input size, nin's version."""
+        return about
+
     return app
+
+
+def info(predictor: Predictor, name: str) -> dict[str, Any]:
+    """What GET /info answers: the name served, the model and what it was trained on, its
+    classes, the input it takes (channels, height, width) and nin's version."""
+    config = predictor.config
+    return {
+        "name": Path(name).name or name,  # a run directory's name, not where it lies
+        "model": config["model"],
+        "data": data_name(config),
+        "classes": list(predictor.classes),
+        "input": {"channels": predictor.in_channels, "height": predictor.size[0],
+                  "width": predictor.size[1]},
+        "version": __version__,
+    }  # fmt: skip
 
 
 async def answer(
@@ -270,9 +331,13 @@ def url_of(host: str, port: int) -> str:
 
 class HeadDeadline:
     """For uvicorn's h11 protocol: closes a connection whose request head does not arrive
-    within HEAD_TIMEOUT, answering 408 (mixed in by `head_timeout_protocol`)."""
+    within HEAD_TIMEOUT, answering 408, and the oldest waiting one of an address that holds
+    over HEADS_PER_CLIENT or of a server about to be full (mixed in by `head_timeout_protocol`,
+    which gives each server its own `waiting`)."""
 
     head_timer: asyncio.TimerHandle | None = None
+    since = 0.0  # when the clock started
+    waiting: dict  # every connection waiting for a head, oldest first (a dict as ordered set)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start the clock for the first head."""
@@ -301,25 +366,42 @@ class HeadDeadline:
         return self.cycle is not None and not self.cycle.response_complete
 
     def arm(self) -> None:
-        """Start (or restart) the clock for a head."""
+        """Start (or restart) the clock for a head, and make room (`make_room`)."""
         self.disarm()
         self.head_timer = self.loop.call_later(HEAD_TIMEOUT, self.head_timed_out)
+        self.since, self.waiting[self] = time.monotonic(), None
+        self.make_room()
+
+    def make_room(self) -> None:
+        """Close, oldest first, connections that have waited over HEAD_GRACE for a head: this
+        address's beyond HEADS_PER_CLIENT, then as many as let this one in under
+        MAX_CONNECTIONS (uvicorn answers 503 at the limit)."""
+        now = time.monotonic()
+        stale = [c for c in self.waiting if now - c.since > HEAD_GRACE]
+        mine = [c for c in stale if (c.client or ("",))[0] == (self.client or ("",))[0]]
+        for c in mine[: max(0, len(mine) - HEADS_PER_CLIENT)]:
+            c.head_timed_out(f"over {HEADS_PER_CLIENT} connections from one address wait")
+        live = sum(not c.transport.is_closing() for c in self.connections)
+        stale = [c for c in stale if not c.transport.is_closing()]
+        for c in stale[: max(0, live - MAX_CONNECTIONS + 1)]:
+            c.head_timed_out("the server is full and this connection waited longest")
 
     def disarm(self) -> None:
         """Stop the clock."""
+        self.waiting.pop(self, None)
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
 
-    def head_timed_out(self) -> None:
+    def head_timed_out(self, why: str = "") -> None:
         """Answer 408 and close, unless a request got going meanwhile."""
-        self.head_timer = None
+        self.disarm()
         if self.transport.is_closing() or self.in_request():
             return
+        why = why or f"the request head took over {HEAD_TIMEOUT:g} s"
+        log_request(self.client, "-", 408, self.since)
         # Written by hand: h11 cannot send a response to a request it has not parsed.
-        body = json.dumps(
-            {"detail": f"the request head took over {HEAD_TIMEOUT:g} s; send it again"}
-        ).encode()
+        body = json.dumps({"detail": f"{why}; send it again"}).encode()
         self.transport.write(
             b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
@@ -331,7 +413,7 @@ def head_timeout_protocol() -> type:
     """uvicorn's h11 protocol with a deadline on each request head, answered with a 408."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    return type("HeadTimeoutProtocol", (HeadDeadline, H11Protocol), {})
+    return type("HeadTimeoutProtocol", (HeadDeadline, H11Protocol), {"waiting": {}})
 
 
 def serve(predictor: Predictor, name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
