@@ -62,20 +62,41 @@ def test_train_then_eval(tmp_path):
     run = tmp_path / "run"
     common = ["--data-dir", str(SHARED_DATA), "--test-subset", "500", "--device", "cpu"]
     out = nin("train", "--epochs", "1", "--train-subset", "1000", "--out", str(run), *common).stdout
-    lines = out.strip().splitlines()
-    assert lines[0].startswith("nin: preset compact (the default") and "on cpu" in lines[0]
+    lines = [line for line in out.strip().splitlines() if ": step " not in line]  # no progress
+    # The first line names the network, data and size run, then the preset and device.
+    assert lines[0].startswith("nin: nin_compact on fashion-mnist at 28×28, 1 epoch (preset "
+                               "compact, the default") and "on cpu" in lines[0]  # fmt: skip
     assert re.fullmatch(r"epoch 1/1: loss [\d.]+, train acc [\d.]+, test acc [\d.]+, .*", lines[1])
+    # One says which accuracy is the result, and what test-time augmentation added (the last
+    # may then say that 4 steps made a model no better than guessing).
+    result = next(line for line in lines if line.startswith("result: "))
     summary = re.fullmatch(
-        r"loss [\d.]+, train acc [\d.]+, test acc ([\d.]+)( \(test-time augmentation: [^)]+\))?, "
-        r"[\d.]+ examples/sec on cpu",
-        lines[-1],
+        r"result: test acc ([\d.]+) of the last epoch's weights, with test-time augmentation "
+        r"\(flip and 1-pixel shifts: [-+][\d.]+ on [\d.]+ without\); loss [\d.]+, train acc "
+        r"[\d.]+, [\d.]+ examples/sec on cpu",
+        result,
     )
-    assert summary, lines[-1]
+    assert summary, result
     evaluated = nin("eval", str(run), *common).stdout
     assert "t-shirt/top" in evaluated and "ankle boot" in evaluated
     # The reloaded checkpoint scores what training reported on the same images.
     reloaded = float(re.search(r"test acc ([\d.]+)", evaluated).group(1))
     assert abs(reloaded - float(summary.group(1))) <= 0.0005
+
+
+def test_train_help_shows_what_a_plain_run_runs(capsys):
+    from nin.cli import build_parser
+    from nin.config import make_config
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    plain = make_config()  # what `nin train` alone runs
+    assert f"passes over the training set (default {plain.epochs})" in text
+    assert f"(the peak, with a schedule) (default {plain.lr})" in text
+    assert f"(default {plain.batch_size})" in text and "defaults:" not in text
+    rest = text.split("any preset, what it does not set:")[1]
+    assert "epochs" not in rest and " lr " not in rest and "momentum 0.0" in rest
 
 
 def test_resources_prints_analytic_beside_measured():

@@ -1,17 +1,22 @@
 import json
 import math
+import re
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from nin.checkpoint import load_checkpoint
+import nin.train
+from nin.checkpoint import load_checkpoint, read_tensors
 from nin.config import TrainConfig, make_config
 from nin.device import place_model
 from nin.errors import NinError
 from nin.evaluate import accuracy, evaluate
+from nin.folders import load_folder
 from nin.loaders import make_loader
 from nin.train import train
 
@@ -27,7 +32,8 @@ def quick_run(tmp_path_factory):
         pytest.skip("real data not found")
     out = tmp_path_factory.mktemp("run")
     config = make_config("compact", data_dir=str(SHARED_DATA), out=str(out), **QUICK)
-    return config, train(config, log=lambda line: None), out
+    lines: list[str] = []
+    return config, {**train(config, log=lines.append), "log": lines}, out
 
 
 def test_short_run_learns_well_above_chance(quick_run):
@@ -35,6 +41,10 @@ def test_short_run_learns_well_above_chance(quick_run):
     # 5,000 real training images, 2 epochs: chance is 0.10.
     assert result["test_acc"] > 0.7
     assert result["history"][1]["loss"] < result["history"][0]["loss"]
+    # A run that learns is not called a guess; its last line says which accuracy is the result.
+    assert not any("no better than guessing" in line for line in result["log"])
+    assert result["log"][-1].startswith(f"result: test acc {result['test_acc']:.3f} of the last "
+                                        "epoch's weights, with test-time augmentation")  # fmt: skip
 
 
 def test_same_seed_same_metrics(data_dir, tmp_path):
@@ -461,3 +471,64 @@ def test_on_epoch_gets_each_epochs_row(data_dir, tmp_path):
     )  # fmt: skip
     result = train(config, log=lambda line: None, on_epoch=rows.append)
     assert [r["epoch"] for r in rows] == [1, 2] and rows == result["history"]
+
+
+# --- a small folder of your own: a batch size that fits, the best epoch, the verdict, progress
+
+
+def grey_folder(root: Path, levels: tuple[int, ...], per_class: int = 20) -> Path:
+    """A folder of 8×8 grey PNGs, one class a brightness level (a little noise on top)."""
+    rng = np.random.default_rng(0)
+    for c, level in enumerate(levels):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(level + rng.integers(-10, 11, (8, 8)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i:03d}.png")
+    return root
+
+
+def folder_run(tmp_path: Path, monkeypatch, levels: tuple[int, ...], epochs: int) -> tuple:
+    """A compact run with the preset's batch size on a grey folder: its lines and result."""
+    monkeypatch.setenv("NIN_CACHE_DIR", str(tmp_path / "cache"))
+    load_folder.cache_clear()
+    root = grey_folder(tmp_path / "pictures", levels)
+    config = make_config("compact", data=str(root), out=str(tmp_path / "run"), epochs=epochs,
+                         amp=False, tta=0, device="cpu")  # fmt: skip
+    lines: list[str] = []
+    return lines, train(config, log=lines.append)
+
+
+def test_a_small_folder_trains_with_the_preset_batch_size_and_keeps_its_best_epoch(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(nin.train, "PROGRESS_SECONDS", 0.0)  # a line every step
+    lines, result = folder_run(tmp_path, monkeypatch, (20, 120, 220), epochs=2)
+    # 60 pictures, 6 carved for validation: batches of 8, not the preset's 256.
+    assert "nin: batches of 8, not 256: 54 training images make 7 steps an epoch" in lines[1]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["batch_size"] == 8
+    # Output that is not a terminal gets progress lines: step, pace, time left.
+    steps = [line for line in lines if re.fullmatch(
+        r"epoch \d/2: step \d/7, [\d.]+ images/s, about \d+ s left", line)]  # fmt: skip
+    assert len(steps) == 14, lines
+    # The result is the best epoch on validation (the first, on a tie), its weights saved.
+    best = max(result["history"], key=lambda row: row["val_acc"])
+    assert result["epoch"] == best["epoch"] and result["val_acc"] == best["val_acc"]
+    line = next(x for x in lines if x.startswith("result: "))
+    assert line.startswith(
+        f"result: val acc {best['val_acc']:.3f} of epoch {best['epoch']}'s weights, the best on "
+        "validation, no test-time augmentation; loss"
+    ), line
+    saved_weights = read_tensors(tmp_path / "run" / "model.safetensors")[0]
+    best_weights = read_tensors(tmp_path / "run" / "best.safetensors")[0]
+    assert all(torch.equal(saved_weights[k], best_weights[k]) for k in best_weights)
+
+
+def test_a_run_that_learns_nothing_says_so(tmp_path, monkeypatch):
+    # Every class the same picture: nothing to learn, whatever the network does.
+    lines, result = folder_run(tmp_path, monkeypatch, (120, 120, 120), epochs=1)
+    assert lines[-1].startswith(
+        f"nin: this model is no better than guessing: val acc {result['val_acc']:.3f} on 6 "
+        "images is within chance of the 0.333 that always answering the commonest class scores"
+    ), lines[-1]
+    assert "--epochs" in lines[-1] and "more pictures" in lines[-1] and "lower --lr" in lines[-1]

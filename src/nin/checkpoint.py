@@ -174,6 +174,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     run_dir = path if path.is_dir() else path.parent
     weights_path = path if path.is_file() else run_dir / WEIGHTS
     config = read_config(run_dir)
+    if path.is_dir() and not weights_path.exists() and (run_dir / LAST).exists():
+        done = len(read_history(run_dir))  # epochs its last checkpoint holds
+        raise NinError(
+            f"{run_dir}: a run that did not finish (it holds {LAST}, its checkpoint after epoch "
+            f"{done} of {config.get('epochs', '?')}, but no {WEIGHTS}); continue it with "
+            f"`nin train --resume {run_dir}`, or give {run_dir / LAST} to use its weights as "
+            "they are now"
+        )
     try:
         model = create_model(
             config["model"],

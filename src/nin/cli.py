@@ -219,15 +219,19 @@ def json_object(text: str) -> dict:
     return value
 
 
-def add_config_flags(parser: argparse.ArgumentParser, *names: str) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, *names: str, shown: dict[str, Any] | None = None
+) -> None:
     """A flag per TrainConfig field named (default: every one but the preset), with the
-    field's help text."""
+    field's help text and, from `shown`, the value it takes when left out."""
     from nin.config import FIELDS, TYPES, flag
 
     for name, f in FIELDS.items():
         if name == "preset" or (names and name not in names):
             continue
         kind, _ = TYPES[name]
+        value = (shown or {}).get(name)
+        text = f.metadata["help"] + ("" if value is None else f" (default {value})")
         options = {k: v for k, v in f.metadata.items() if k != "help"}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
@@ -235,16 +239,24 @@ def add_config_flags(parser: argparse.ArgumentParser, *names: str) -> None:
             options["type"] = json_object if kind is dict else kind
             if "choices" not in options:
                 options.setdefault("metavar", {int: "N", float: "X"}.get(kind, name.upper()))
-        parser.add_argument(
-            f"--{flag(name)}", help=f.metadata["help"].replace("%", "%%"), **options
-        )
+        parser.add_argument(f"--{flag(name)}", help=text.replace("%", "%%"), **options)
+
+
+def field_defaults() -> dict[str, Any]:
+    """Each setting's value where no preset sets it (None: left out)."""
+    from nin.config import FIELDS
+
+    return {
+        k: f.default
+        for k, f in FIELDS.items()
+        if k != "preset" and f.default is not None and f.default is not dataclasses.MISSING
+    }
 
 
 def preset_settings() -> str:
-    """What each preset sets, and the defaults of the rest, for `nin train --help`."""
+    """What each preset sets, and what the rest are under any preset, for `nin train --help`."""
     import textwrap
 
-    from nin.config import FIELDS
     from nin.presets import PRESETS
 
     def line(name: str, settings: dict) -> str:
@@ -252,14 +264,11 @@ def preset_settings() -> str:
         return textwrap.fill(pairs, 78, initial_indent=f"  {name}: ", subsequent_indent="    ",
                              break_on_hyphens=False)  # fmt: skip
 
-    defaults = {
-        k: f.default
-        for k, f in FIELDS.items()
-        if k != "preset" and f.default is not None and f.default is not dataclasses.MISSING
-    }
-    lines = ["what each preset sets; every other setting keeps its default:"]
+    every = set.intersection(*(set(p.settings) for p in PRESETS.values()))  # epochs, lr...
+    rest = {k: v for k, v in field_defaults().items() if k not in every}
+    lines = ["what each preset sets:"]
     lines += [line(name, preset.settings) for name, preset in PRESETS.items()]
-    return "\n".join([*lines, line("defaults", defaults)])
+    return "\n".join([*lines, line("any preset, what it does not set", rest)])
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -335,18 +344,19 @@ def add_training_commands(sub: Any) -> None:
     from nin.config import FIELDS
     from nin.presets import PRESETS
 
+    default = FIELDS["preset"].default
     p = sub.add_parser(
         "train",
         help="train a model; prints the chapter's summary line",
         description="Train NiN. Every option left unset takes the preset's value (or the "
-        "--config file's).",
+        f"--config file's);\nthe defaults shown are the default preset's ({default}).",
         epilog=preset_settings(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     notes = "; ".join(f"{name}: {preset.note}" for name, preset in PRESETS.items())
     p.add_argument(
         "--preset",
-        help=f"{FIELDS['preset'].metadata['help']} (default compact). {notes}".replace("%", "%%"),
+        help=f"{FIELDS['preset'].metadata['help']} (default {default}). {notes}".replace("%", "%%"),
     )
     p.add_argument(
         "--config",
@@ -354,7 +364,7 @@ def add_training_commands(sub: Any) -> None:
         help="start from the settings in a JSON or TOML file (a run's config.json will do); "
         "flags given beside it win",
     )
-    add_config_flags(p)
+    add_config_flags(p, shown={**field_defaults(), **PRESETS[default].settings})
     p.add_argument(
         "--scale-lr",
         action="store_true",

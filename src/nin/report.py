@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from nin.checkpoint import load_checkpoint, read_history
-from nin.config import TrainConfig, saved_config
-from nin.data import classes_of
+from nin.config import FIX, TrainConfig, saved_config
+from nin.data import classes_of, data_name
 from nin.device import environment, pick_device, place_model
+from nin.errors import NinError
 from nin.evaluate import Evaluation, check_input, evaluate
 from nin.files import atomic_path, check_out_path, data_uri, figure_png
 from nin.images import image_png
@@ -107,13 +108,16 @@ def curves(run_dir: Path, config: dict[str, Any]) -> str:
     return f'<img alt="loss and accuracy per epoch" src="{data_uri(png)}">{last}'
 
 
-def build_report(run_dir: Path, **here: Any) -> tuple[str, str]:
-    """The HTML of the report on run directory `run_dir`, evaluated now with `here` on its
-    settings (see `evaluate_checkpoint`), and a one-line summary of what it found."""
-    config, _, loader, found = evaluate_checkpoint(run_dir, predictions=True, **here)
+def build_report(run_dir: Path, checkpoint: Path, **here: Any) -> tuple[str, str]:
+    """The HTML of the report on run directory `run_dir` with the weights at `checkpoint` (the
+    directory: its model.safetensors), evaluated now with `here` on its settings (see
+    `evaluate_checkpoint`), and a one-line summary of what it found."""
+    config, _, loader, found = evaluate_checkpoint(checkpoint, predictions=True, **here)
     classes, confusion = classes_of(config), found.confusion
     count, wrong = len(loader.labels), len(loader.labels) - int(confusion.trace())
-    title = f"{config['model']} on {config['dataset']}"
+    title = f"{config['model']} on {data_name(config)}"
+    if checkpoint.is_file():  # weights other than the run's result, such as last.safetensors
+        title += f" ({checkpoint.name})"
     result = ""
     if isinstance(config.get("result"), dict):
         # Per-class figures are in their own section; the scalars go with the config.
@@ -155,11 +159,17 @@ def write_report(
     """Write the report on `run_dir` (default: RUN_DIR/report.html), atomically; return its
     path and a one-line summary. An existing file is replaced only with `force`, never a
     checkpoint."""
-    run = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    checkpoint = Path(run_dir)
+    if not checkpoint.exists():  # not its parent's config.json: a failed run leaves no folder
+        raise NinError(f"{checkpoint}: not found (a run that fails before its first checkpoint "
+                       f"leaves no directory); {FIX}")  # fmt: skip
+    run = checkpoint if checkpoint.is_dir() else checkpoint.parent
     path = Path(out) if out else run / "report.html"
     ours = (".html", b"<!doctype html>")  # what --force may replace: an earlier report
     check_out_path(path, force, ours)  # before the evaluation, and again before the rename
-    page, summary = build_report(run, data_dir=data_dir, test_subset=test_subset, device=device)
+    page, summary = build_report(
+        run, checkpoint, data_dir=data_dir, test_subset=test_subset, device=device
+    )
     with atomic_path(path, lambda p: check_out_path(p, force, ours)) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path, summary

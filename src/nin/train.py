@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -30,12 +32,14 @@ from nin.checkpoint import (
     LAST,
     WEIGHTS,
     load_state,
+    load_weights,
     save_checkpoint,
     save_state,
     save_tensors,
     write_history,
 )
-from nin.config import CONFIG, WHERE, TrainConfig, flag, read_config, saved_config
+from nin.config import CONFIG, FIELDS, WHERE, TrainConfig, flag, read_config, saved_config
+from nin.data import data_name, dataset_spec
 from nin.device import autocast, environment, grad_scaler, memory_budget, pick_device, place_model
 from nin.distributed import (
     World,
@@ -62,6 +66,8 @@ from nin.rundir import lock_run_dir, prepare_run_dir
 from nin.watch import TrainingWatch
 
 PROGRESS = ("epoch", "step", "history", "epoch_seconds", "best_acc", "order")
+PROGRESS_SECONDS = 30.0  # how often a run logs its progress when its output is not a terminal
+MIN_STEPS = 4  # the fewest steps an epoch of a folder run takes (its batch size is cut to fit)
 
 
 class TrainState:
@@ -185,6 +191,8 @@ def train(
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(config.deterministic)
         torch.manual_seed(config.seed)
+        if config.data and not resume:
+            config = fit_batch_size(config, world.size, log)
         # With a holdout or an image folder, every accuracy is validation accuracy: the test
         # split is not read.
         split = "val" if config.holdout or config.data else "test"
@@ -204,7 +212,7 @@ def train(
         begin_or_resume(state, run_dir, config, record, resume, log)
         evaluation = None
         for epoch in range(state.epoch, config.epochs + 1):
-            seconds = train_one_epoch(step_model, state, config, epoch, run_dir, record)
+            seconds = train_one_epoch(step_model, state, config, epoch, run_dir, record, log)
             evaluation = end_epoch(
                 state, eval_loader, config, epoch, seconds,
                 run_dir=run_dir, record=record, split=split, log=log, on_epoch=on_epoch,
@@ -220,8 +228,10 @@ def train_one_epoch(
     epoch: int,
     run_dir: Path,
     record: dict[str, Any],
+    log: Callable[[str], None] = print,
 ) -> float:
-    """One pass over the training split, from the step a resume left it at; its seconds."""
+    """One pass over the training split, from the step a resume left it at; its seconds. Where
+    the output is not a terminal (no bar), a line of progress every PROGRESS_SECONDS."""
     loader, model, optimizer = state.loader, state.model, state.optimizer
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     model.train()
@@ -230,9 +240,11 @@ def train_one_epoch(
     skip, state.step = state.step, 0
     loader.order_generator.set_state(state.order)  # this epoch's order, drawn again
     start = time.perf_counter() - state.epoch_seconds
-    # The bar shows on a terminal only (disable=None), so logs stay clean.
+    # The bar shows on a terminal only (disable=None), so logs stay clean: they get lines.
     bar = tqdm(loader.batches(skip), f"epoch {epoch}/{config.epochs}", total=len(loader),
                initial=skip, leave=False, disable=None if state.world.main else True)  # fmt: skip
+    lines, here = state.world.main and not sys.stdout.isatty(), time.perf_counter()
+    noted = here
     for step, (x, y) in enumerate(bar, start=skip + 1):
         logits = train_step(step_model, x, y, optimizer, loss_fn, config.amp, state.scaler)
         if state.scheduler:
@@ -247,11 +259,29 @@ def train_one_epoch(
         state.correct += batch_correct
         if state.watch.update(logits, batch_loss, batch_correct):
             raise state.watch.error(epoch, config.lr, run_dir / LAST)
+        if lines and time.perf_counter() - noted >= PROGRESS_SECONDS:
+            noted = time.perf_counter()
+            done = step - skip
+            images = done * loader.batch_size * state.world.size
+            log(progress(config, epoch, step, len(loader), done, images, noted - here))
         every = config.checkpoint_every
         if every and global_step % every == 0 and step < len(loader):
             state.step, state.epoch_seconds = step, time.perf_counter() - start
             checkpoint(state, epoch, config, run_dir, record)
     return time.perf_counter() - start
+
+
+def progress(
+    config: TrainConfig, epoch: int, step: int, steps: int, done: int, images: int, seconds: float
+) -> str:
+    """A progress line: the epoch and step, the pace since this epoch began here (`done` steps
+    of `images` images in `seconds`) and the training time left at it (evaluations aside)."""
+    left = seconds / done * (steps - step + (config.epochs - epoch) * steps)
+    when = f"{left / 60:.0f} min" if left >= 90 else f"{left:.0f} s"
+    return (
+        f"epoch {epoch}/{config.epochs}: step {step}/{steps}, {images / seconds:.1f} images/s, "
+        f"about {when} left"
+    )
 
 
 def train_step(
@@ -354,9 +384,16 @@ def finish(
     split: str,
     log: Callable[[str], None],
 ) -> dict:
-    """The final evaluation (with test-time augmentation if asked), the weights, config.json
-    with the result, the curves, and the chapter's closing line."""
+    """The final evaluation (with test-time augmentation if asked), the weights (a folder run's
+    best epoch on validation, else the last), config.json with the result, the curves, the
+    closing line and, if the result is no better than guessing, a line that says so."""
     history, key, world, device = state.history, f"{split}_acc", state.world, state.loader.device
+    chosen = history[-1]
+    if config.data and split == "val":  # every process reads the file rank 0 wrote
+        chosen = max(history, key=lambda row: row[key])  # the first best, as best.safetensors
+        if chosen is not history[-1]:
+            load_weights(state.model, run_dir / BEST, config.model)
+            evaluation = None
     # Again with test-time augmentation, or if killed after the last checkpoint but before these
     # files.
     if evaluation is None or config.tta:
@@ -366,28 +403,64 @@ def finish(
     speed = len(history) * examples / train_seconds
     record["result"] = result = {
         "wall_seconds": state.resumed_at + time.perf_counter() - state.began,
-        "loss": history[-1]["loss"],
-        "train_acc": history[-1]["train_acc"],
+        "epoch": chosen["epoch"],  # whose weights are the result
+        "loss": chosen["loss"],
+        "train_acc": chosen["train_acc"],
         key: evaluation.accuracy,
         "examples_per_sec": speed,
         "train_seconds": train_seconds,
         "per_class_acc": evaluation.per_class,
         "tta": config.tta,
-        f"{key}_no_tta": history[-1][key],
+        f"{key}_no_tta": chosen[key],
     }
     if world.main:  # the weights are finite: the last checkpoint checked them before saving
         save_checkpoint(run_dir, state.model, record)
         title = f"{config.model}, preset {config.preset}"
         save_figure(curves_figure(history, title), run_dir / "curves.png")
     log(f"saved {run_dir / WEIGHTS}, metrics.jsonl, curves.png")
-    tta = f" (test-time augmentation: {TTA_LEVELS[config.tta]})" if config.tta else ""
-    log(  # the chapter's closing line
-        f"loss {result['loss']:.3f}, train acc {result['train_acc']:.3f}, "
-        f"{key.replace('_', ' ')} {result[key]:.3f}{tta}, {speed:.1f} examples/sec on {device}"
-    )
+    log(closing_line(result, key, config, str(device)))
+    warning = chance_warning(evaluation, key, config.lr)
+    if warning:
+        log(warning)
     close_world(world)
     return {**result, "device": str(device), "run_dir": str(run_dir), "history": history,
             "train_examples": examples, "model": state.model}  # fmt: skip
+
+
+def closing_line(result: dict[str, Any], key: str, config: TrainConfig, device: str) -> str:
+    """The chapter's closing line, led by the result: which accuracy, of which epoch's weights,
+    and what test-time augmentation added to it."""
+    name, plain = key.replace("_", " "), result[f"{key}_no_tta"]
+    weights = "the last epoch's weights"
+    if config.data and key == "val_acc":
+        weights = f"epoch {result['epoch']}'s weights, the best on validation"
+    tta = ", no test-time augmentation"
+    if config.tta:
+        tta = (
+            f", with test-time augmentation ({TTA_LEVELS[config.tta]}: "
+            f"{result[key] - plain:+.3f} on {plain:.3f} without)"
+        )
+    return (
+        f"result: {name} {result[key]:.3f} of {weights}{tta}; loss {result['loss']:.3f}, "
+        f"train acc {result['train_acc']:.3f}, {result['examples_per_sec']:.1f} examples/sec "
+        f"on {device}"
+    )
+
+
+def chance_warning(evaluation: Evaluation, key: str, lr: float) -> str:
+    """A line if the accuracy is within two standard errors (or 0.01) of guessing, that is of
+    always answering the commonest class (1 / classes when they are balanced); else ""."""
+    counts = evaluation.confusion.sum(1)
+    n = max(int(counts.sum()), 1)
+    guess = counts.max().item() / n
+    if evaluation.accuracy > guess + max(2 * math.sqrt(guess * (1 - guess) / n), 0.01):
+        return ""
+    name = key.replace("_", " ")
+    return (
+        f"nin: this model is no better than guessing: {name} {evaluation.accuracy:.3f} on {n} "
+        f"images is within chance of the {guess:.3f} that always answering the commonest class "
+        f"scores; try more epochs (--epochs), more pictures a class, or a lower --lr (now {lr:g})"
+    )
 
 
 def open_run_dir(
@@ -513,11 +586,19 @@ def note_folder(
 
 
 def introduction(config: TrainConfig, device: torch.device, why: str, processes: int) -> str:
-    """The first line a run logs: the preset, the device and why, the model and data."""
-    note = PRESETS[config.preset].note if config.preset in PRESETS else "a saved config"
+    """The first line a run logs: the network, the data and the image size it trains on, for
+    how many epochs, the preset (its note if the run keeps its network and data), the device
+    and why."""
+    side = config.resize or dataset_spec(config.dataset).side
+    recipe = f"preset {config.preset}'s recipe"
+    if config.preset not in PRESETS:
+        recipe = "a saved config"
+    elif not config.data and all(getattr(config, k) == preset_value(config, k) for k in
+                                 ("model", "dataset")):  # fmt: skip
+        recipe = f"preset {config.preset}, {PRESETS[config.preset].note}"
     line = (
-        f"nin: preset {config.preset} ({note}) on {device} ({why}); "
-        f"{config.model} on {config.data or config.dataset}"
+        f"nin: {config.model} on {data_name(vars(config))} at {side}×{side}, {config.epochs} "
+        f"epoch{'s' if config.epochs != 1 else ''} ({recipe}) on {device} ({why})"
     )
     if processes > 1:
         line += f"; {processes} processes, global batch {config.batch_size}"
@@ -527,6 +608,33 @@ def introduction(config: TrainConfig, device: torch.device, why: str, processes:
             "(~5.5 hours for 10 epochs); it is meant for a GPU"
         )
     return line
+
+
+def preset_value(config: TrainConfig, name: str) -> Any:
+    """What the run's preset sets setting `name` to (the default where it sets nothing)."""
+    preset = PRESETS.get(config.preset)
+    return preset.settings.get(name, FIELDS[name].default) if preset else None
+
+
+def fit_batch_size(config: TrainConfig, processes: int, log: Callable[[str], None]) -> TrainConfig:
+    """A folder run's config, the preset's batch size cut (to the largest power of two that
+    does) where an epoch would otherwise take fewer than MIN_STEPS steps, said in one line; a
+    batch size given (another than the preset's) is kept."""
+    if config.batch_size != preset_value(config, "batch_size"):
+        return config
+    train_index, _, _ = load_folder(config.data, config.resize, config.channels).train_val(
+        config.holdout, config.seed
+    )
+    examples = min(len(train_index), config.train_subset or len(train_index))
+    if config.batch_size * MIN_STEPS <= examples:
+        return config
+    fits = max(2, processes, 2 ** int(math.log2(max(1, examples // MIN_STEPS))))
+    fits = min(fits, examples)
+    log(
+        f"nin: batches of {fits}, not {config.batch_size}: {examples} training images make "
+        f"{math.ceil(examples / fits)} steps an epoch (--batch-size to choose)"
+    )
+    return dataclasses.replace(config, batch_size=fits)
 
 
 def check_memory(config: TrainConfig, loader: DeviceLoader, device: torch.device) -> None:
