@@ -338,7 +338,7 @@ def check_ranges(config: TrainConfig) -> TrainConfig:
     for name in ("momentum", "weight_decay", "lookahead"):
         if not getattr(config, name) >= 0:
             raise NinError(f"--{flag(name)} must be 0 or more, got {getattr(config, name)}")
-    for name in ("lr", "weight_decay", "momentum", "bias_lr_scale", "label_smoothing"):
+    for name in ("lr", "weight_decay", "momentum", "bias_lr_scale"):
         if not abs(getattr(config, name)) <= FLOAT32_MAX:  # a larger one is infinite on the device
             raise NinError(
                 f"--{flag(name)} must be a finite number, at most {FLOAT32_MAX:.3g}, got "

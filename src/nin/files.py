@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from nin.errors import NinError, cut
+from nin.errors import NinError
 
 
 @contextmanager
@@ -108,7 +108,7 @@ def check_out_path(path: Path, force: bool = False, ours: tuple[str, bytes] = ("
     except FileNotFoundError:
         return
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
-        reason = f"{cut(repr(str(path)))} ({getattr(e, 'strerror', None) or e})"
+        reason = f"{str(path)!r} ({getattr(e, 'strerror', None) or e})"
         raise NinError(f"cannot write {reason}; choose another --out") from None
     kind = next((name for test, name in KINDS.items() if test(mode)), None)
     if kind or not stat.S_ISREG(mode):
