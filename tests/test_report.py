@@ -76,6 +76,26 @@ def test_bad_run_dir(tmp_path: Path, capsys) -> None:
     assert "config.json: not found" in capsys.readouterr().err
 
 
+def test_a_run_that_did_not_finish_says_what_it_holds_and_what_to_do(
+    tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "killed"
+    save_checkpoint(run, create_model("nin_compact"), checkpoint_config(epochs=8))
+    (run / "model.safetensors").rename(run / "last.safetensors")  # killed before the end
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 2.0}) + "\n")
+    for command in ("eval", "export", "report"):
+        assert main([command, str(run)]) == 1
+        err = capsys.readouterr().err
+        assert (
+            f"{run}: a run that did not finish (it holds last.safetensors, its checkpoint " in err
+        )
+        assert "after epoch 1 of 8" in err and f"`nin train --resume {run}`" in err, err
+        assert f"give {run / 'last.safetensors'} to use its weights" in err and err.count("\n") == 1
+    # A run that failed before its first checkpoint leaves no directory: that one is named.
+    assert main(["report", str(tmp_path / "runs" / "shapes")]) == 1
+    assert f"{tmp_path / 'runs' / 'shapes'}: not found" in capsys.readouterr().err
+
+
 def test_edited_metrics_get_one_line(tmp_path: Path) -> None:
     from nin.errors import NinError
     from nin.report import read_history

@@ -484,6 +484,7 @@ def grey_folder(root: Path, levels: tuple[int, ...], per_class: int = 20) -> Pat
         for i in range(per_class):
             pixels = np.clip(level + rng.integers(-10, 11, (8, 8)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / f"class{c}" / f"{i:03d}.png")
+    (root / "class0" / "notes.txt").write_text("not a picture")  # skipped, and listed
     return root
 
 
@@ -507,6 +508,8 @@ def test_a_small_folder_trains_with_the_preset_batch_size_and_keeps_its_best_epo
     assert "nin: batches of 8, not 256: 54 training images make 7 steps an epoch" in lines[1]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["batch_size"] == 8
+    skipped = (tmp_path / "run" / "skipped.txt").read_text()
+    assert skipped.startswith("class0/notes.txt\tnot a PNG or JPEG"), skipped
     # Output that is not a terminal gets progress lines: step, pace, time left.
     steps = [line for line in lines if re.fullmatch(
         r"epoch \d/2: step \d/7, [\d.]+ images/s, about \d+ s left", line)]  # fmt: skip
