@@ -173,4 +173,4 @@ def test_train_help_shows_what_each_preset_sets(capsys) -> None:
         assert f"{name}: " in shown, name
         for key, value in preset.settings.items():
             assert f"{key.replace('_', '-')} {value}" in shown, (name, key)
-    assert "defaults: model nin_compact, dataset fashion-mnist" in shown
+    assert "any preset, what it does not set: dataset fashion-mnist" in shown
