@@ -722,7 +722,7 @@ CASES += [
          "a named pipe, not a regular file"),
     Case("files", "--config a directory", config_at(lambda tmp: tmp), "a directory, not a"),
     Case("files", "--config of 100 MB", config_at(
-        lambda tmp: sparse(tmp / "settings.json", 10**8)), "over the 1,048,576 such a file"),
+        lambda tmp: sparse(tmp / "settings.json", 10**8)), "95.4 MiB, over the 1 MiB limit"),
     Case("files", "--config in YAML", config_at(lambda tmp: write(tmp / "s.yaml", "epochs: 3\n")),
          "--config reads JSON, or TOML from a .toml file"),
     Case("files", "a saved run's config.json is a FIFO", edit_checkpoint(
@@ -730,7 +730,7 @@ CASES += [
     Case("files", "a saved run's config.json is a directory", edit_checkpoint(
         replace_file("config.json", Path.mkdir)), "config.json: a directory, not a regular"),
     Case("files", "a saved run's config.json of 100 MB", edit_checkpoint(
-        replace_file("config.json", lambda p: sparse(p, 10**8))), "over the 67,108,864"),
+        replace_file("config.json", lambda p: sparse(p, 10**8))), "over the 64 MiB limit"),
     Case("files", "a saved run's weights are a directory", edit_checkpoint(
         replace_file("model.safetensors", Path.mkdir)), "a directory, not a regular file"),
     Case("files", "an image folder of a FIFO, /dev/zero, dangling links, loops and bombs",

@@ -72,7 +72,7 @@ def open_file(path: Path, limit: int, fix: str) -> BinaryIO:
     kind = next((name for test, name in KINDS.items() if test(found.st_mode)), "not regular")
     problem = "" if stat.S_ISREG(found.st_mode) else f"{kind}, not a regular file"
     if not problem and found.st_size > limit:
-        problem = f"{found.st_size:,} bytes, over the {limit:,} such a file may hold"
+        problem = f"{found.st_size / 2**20:,.1f} MiB, over the {limit / 2**20:,.0f} MiB limit"
     if problem:
         os.close(fd)
         raise NinError(f"{path}: {problem}; {fix}")
@@ -94,7 +94,7 @@ def read_file(path: Path, limit: int, fix: str) -> bytes:
     with open_file(path, limit, fix) as f:
         data = f.read(limit + 1)
     if len(data) > limit:  # it grew since it was opened
-        raise NinError(f"{path}: over the {limit:,} bytes such a file may hold; {fix}")
+        raise NinError(f"{path}: over the {limit / 2**20:,.0f} MiB limit; {fix}")
     return data
 
 
