@@ -55,6 +55,7 @@ VALUES = {
     "deterministic": (True, ["--deterministic"]),
     "test_subset": (200, ["--test-subset", "200"]),
     "model_kwargs": ({"dropout": 0.1}, ["--model-kwargs", '{"dropout": 0.1}']),
+    "finetune": ("fashion-mnist", ["--finetune", "fashion-mnist"]),
 }
 
 
