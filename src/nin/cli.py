@@ -461,7 +461,9 @@ def add_shipping_commands(sub: Any) -> None:
         "upload a PNG/JPEG or draw on a canvas and see the top 5 classes with probabilities.",
     )
     p.add_argument("checkpoint", nargs="?", help="a run directory written by `nin train`")
-    p.add_argument("--model", metavar="NAME", help="a bundled model (fashion-mnist) instead")
+    p.add_argument(
+        "--model", metavar="NAME", help="a bundled model (fashion-mnist or cifar10) instead"
+    )
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.set_defaults(func=cmd_serve)
@@ -485,7 +487,9 @@ def add_predict_command(sub: Any) -> None:
         "images only",
     )
     p.add_argument(
-        "--model", metavar="NAME", help="a bundled model (fashion-mnist) instead of a CHECKPOINT"
+        "--model",
+        metavar="NAME",
+        help="a bundled model (fashion-mnist or cifar10) instead of a CHECKPOINT",
     )
     p.add_argument("--top-k", type=int, default=5, help="classes to show per image (default 5)")
     p.add_argument(
