@@ -39,6 +39,13 @@ IDX_DTYPES = {0x08: torch.uint8}
 MAX_IDX_BYTES = 1 << 30  # the largest official IDX file unpacks to 47 MB; also any data file's cap
 CIFAR_SIDE = 32
 CIFAR_RECORD = 1 + 3 * CIFAR_SIDE * CIFAR_SIDE  # one label byte, then the R, G and B planes
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+FASHION_MNIST_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,18 +73,7 @@ CIFAR10 = DatasetSpec(
     name="cifar10",
     files={"archive": ("cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530")},
     mirrors=("https://www.cs.toronto.edu/~kriz/",),
-    classes=(
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ),
+    classes=CIFAR10_CLASSES,
     # Measured on the 50,000 training images (tests/test_cifar.py checks them).
     mean=(0.4914, 0.4822, 0.4465),
     std=(0.2470, 0.2435, 0.2616),
@@ -102,18 +98,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "test_labels": ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
         },
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        classes=(
-            "t-shirt/top",
-            "trouser",
-            "pullover",
-            "dress",
-            "coat",
-            "sandal",
-            "shirt",
-            "sneaker",
-            "bag",
-            "ankle boot",
-        ),  # fmt: skip
+        classes=FASHION_MNIST_CLASSES,
         mean=0.2860,
         std=0.3530,
     ),
@@ -452,8 +437,7 @@ def load_split(
             f"{paths[f'{split}_labels']}: {len(labels)} labels for {len(images)} images; "
             "the image and label files do not belong together"
         )
-    num_classes = len(dataset_spec(name).classes)
-    if len(labels) and int(labels.max()) >= num_classes:
+    if len(labels) and int(labels.max()) >= len(spec.classes):
         raise NinError(f"{paths[f'{split}_labels']}: label {int(labels.max())} out of range")
     return images.unsqueeze(1), labels.long()
 

@@ -163,6 +163,18 @@ class TrainState:
         self.loader.load_state_dict(mine)
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every stage of a run shares: its settings, its directory, its record (config.json),
+    the split it is evaluated on ("val" or "test") and its log."""
+
+    config: TrainConfig
+    dir: Path
+    record: dict[str, Any]
+    split: str
+    log: Callable[[str], None]
+
+
 def train(
     config: TrainConfig,
     log: Callable[[str], None] = print,
@@ -209,29 +221,19 @@ def train(
         step_model = wrap_model(model, device, world, config.compile)  # before any copy of it
         state = TrainState(config, model, train_loader, world, began)
         record = run_record(config, run_dir, train_loader, model, device, world, resume)
-        begin_or_resume(state, run_dir, config, record, resume, log)
+        run = Run(config, run_dir, record, split, log)
+        begin_or_resume(state, run, resume)
         evaluation = None
         for epoch in range(state.epoch, config.epochs + 1):
-            seconds = train_one_epoch(step_model, state, config, epoch, run_dir, record, log)
-            evaluation = end_epoch(
-                state, eval_loader, config, epoch, seconds,
-                run_dir=run_dir, record=record, split=split, log=log, on_epoch=on_epoch,
-            )  # fmt: skip
-        return finish(state, eval_loader, config, evaluation,
-                      run_dir=run_dir, record=record, split=split, log=log)  # fmt: skip
+            seconds = train_one_epoch(step_model, state, run, epoch)
+            evaluation = end_epoch(state, eval_loader, run, epoch, seconds, on_epoch)
+        return finish(state, eval_loader, run, evaluation)
 
 
-def train_one_epoch(
-    step_model: nn.Module,
-    state: TrainState,
-    config: TrainConfig,
-    epoch: int,
-    run_dir: Path,
-    record: dict[str, Any],
-    log: Callable[[str], None] = print,
-) -> float:
+def train_one_epoch(step_model: nn.Module, state: TrainState, run: Run, epoch: int) -> float:
     """One pass over the training split, from the step a resume left it at; its seconds. Where
     the output is not a terminal (no bar), a line of progress every PROGRESS_SECONDS."""
+    config = run.config
     loader, model, optimizer = state.loader, state.model, state.optimizer
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     model.train()
@@ -258,16 +260,16 @@ def train_one_epoch(
         state.loss_sum += batch_loss
         state.correct += batch_correct
         if state.watch.update(logits, batch_loss, batch_correct):
-            raise state.watch.error(epoch, config.lr, run_dir / LAST)
+            raise state.watch.error(epoch, config.lr, run.dir / LAST)
         if lines and time.perf_counter() - noted >= PROGRESS_SECONDS:
             noted = time.perf_counter()
             done = step - skip
             images = done * loader.batch_size * state.world.size
-            log(progress(config, epoch, step, len(loader), done, images, noted - here))
+            run.log(progress(config, epoch, step, len(loader), done, images, noted - here))
         every = config.checkpoint_every
         if every and global_step % every == 0 and step < len(loader):
             state.step, state.epoch_seconds = step, time.perf_counter() - start
-            checkpoint(state, epoch, config, run_dir, record)
+            checkpoint(state, epoch, run)
     return time.perf_counter() - start
 
 
@@ -323,25 +325,20 @@ def evaluate_run(
 def end_epoch(
     state: TrainState,
     eval_loader: DeviceLoader,
-    config: TrainConfig,
+    run: Run,
     epoch: int,
     seconds: float,
-    *,
-    run_dir: Path,
-    record: dict[str, Any],
-    split: str,
-    log: Callable[[str], None],
     on_epoch: Callable[[dict[str, Any]], None] | None,
 ) -> Evaluation:
     """The epoch's row (the chapter's loss, train and eval accuracy, examples/sec), the best
     weights on validation so far, a checkpoint, and the line the chapter prints."""
-    world, key = state.world, f"{split}_acc"
+    config, world, key = run.config, state.world, f"{run.split}_acc"
     n = state.loader.num_examples * world.size
     loss = all_reduce(state.loss_sum, world).item() / n
     train_acc = all_reduce(state.correct, world).item() / n
     state.loss_sum.zero_(), state.correct.zero_()
     if state.watch.poll():  # it has seen every batch's loss, so a non-finite one too
-        raise state.watch.error(epoch, config.lr, run_dir / LAST)
+        raise state.watch.error(epoch, config.lr, run.dir / LAST)
     eval_start = time.perf_counter()
     evaluation = evaluate_run(state, eval_loader, config)
     accuracy = evaluation.accuracy
@@ -357,16 +354,16 @@ def end_epoch(
     state.epoch, state.step, state.epoch_seconds = epoch + 1, 0, 0.0
     state.order = state.loader.order_generator.get_state()  # the next epoch's order
     if world.main:
-        write_history(run_dir, state.history)
+        write_history(run.dir, state.history)
         # Picked on validation only: an artifact picked by test accuracy would be test-chosen.
-        if split == "val" and accuracy > state.best_acc:
+        if run.split == "val" and accuracy > state.best_acc:
             state.best_acc = accuracy
             meta = {"model": config.model, "epoch": str(epoch), key: str(accuracy)}
-            save_tensors(run_dir / BEST, state.model.state_dict(), meta)
-    checkpoint(state, epoch, config, run_dir, record)
+            save_tensors(run.dir / BEST, state.model.state_dict(), meta)
+    checkpoint(state, epoch, run)
     if on_epoch and world.main:
         on_epoch(dict(row))
-    log(
+    run.log(
         f"epoch {epoch}/{config.epochs}: loss {loss:.3f}, train acc {train_acc:.3f}, "
         f"{key.replace('_', ' ')} {accuracy:.3f}, {n / seconds:.1f} examples/sec"
     )
@@ -374,22 +371,15 @@ def end_epoch(
 
 
 def finish(
-    state: TrainState,
-    eval_loader: DeviceLoader,
-    config: TrainConfig,
-    evaluation: Evaluation | None,
-    *,
-    run_dir: Path,
-    record: dict[str, Any],
-    split: str,
-    log: Callable[[str], None],
+    state: TrainState, eval_loader: DeviceLoader, run: Run, evaluation: Evaluation | None
 ) -> dict:
     """The final evaluation (with test-time augmentation if asked), the weights (a folder run's
     best epoch on validation, else the last), config.json with the result, the curves, the
     closing line and, if the result is no better than guessing, a line that says so."""
-    history, key, world, device = state.history, f"{split}_acc", state.world, state.loader.device
+    config, run_dir, record, log, key = run.config, run.dir, run.record, run.log, f"{run.split}_acc"
+    history, world, device = state.history, state.world, state.loader.device
     chosen = history[-1]
-    if config.data and split == "val":  # every process reads the file rank 0 wrote
+    if config.data and run.split == "val":  # every process reads the file rank 0 wrote
         chosen = max(history, key=lambda row: row[key])  # the first best, as best.safetensors
         if chosen is not history[-1]:
             load_weights(state.model, run_dir / BEST, config.model)
@@ -481,18 +471,11 @@ def open_run_dir(
     return Path(name)
 
 
-def begin_or_resume(
-    state: TrainState,
-    run_dir: Path,
-    config: TrainConfig,
-    record: dict[str, Any],
-    resume: bool,
-    log: Callable[[str], None],
-) -> None:
+def begin_or_resume(state: TrainState, run: Run, resume: bool) -> None:
     """A new run writes its config.json; a resumed one loads last.safetensors into its state
     (temporary files of a save the kill cut short go). Either way metrics.jsonl then holds
     exactly the epochs the checkpoint holds: none twice or lost."""
-    main = state.world.main
+    main, config, run_dir, record = state.world.main, run.config, run.dir, run.record
     if not resume:
         if main:
             write_json(run_dir / CONFIG, record)
@@ -515,19 +498,17 @@ def begin_or_resume(
         for leftover in run_dir.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
         write_history(run_dir, state.history)
-    log(f"nin: resuming {run_dir} at epoch {state.epoch}, step {state.step}")
+    run.log(f"nin: resuming {run_dir} at epoch {state.epoch}, step {state.step}")
 
 
-def checkpoint(
-    state: TrainState, epoch: int, config: TrainConfig, run_dir: Path, record: dict[str, Any]
-) -> None:
+def checkpoint(state: TrainState, epoch: int, run: Run) -> None:
     """Save the state to last.safetensors (collective; rank 0 writes), never weights from after
     a divergence."""
     if state.watch.poll(state.model):
-        raise state.watch.error(epoch, config.lr, run_dir / LAST)
+        raise state.watch.error(epoch, run.config.lr, run.dir / LAST)
     saved = state.state_dict()
     if state.world.main:
-        save_state(run_dir / LAST, config.model, saved, record)
+        save_state(run.dir / LAST, run.config.model, saved, run.record)
 
 
 def run_record(
