@@ -182,16 +182,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
             f"`nin train --resume {run_dir}`, or give {run_dir / LAST} to use its weights as "
             "they are now"
         )
-    try:
-        model = create_model(
-            config["model"],
-            num_classes=config["num_classes"],
-            in_channels=config["in_channels"],
-            **config.get("model_kwargs", {}),
-        )
-    except (TypeError, ValueError) as e:
-        where = run_dir / CONFIG
-        raise NinError(f"{where}: config cannot build model {config['model']!r} ({e})") from None
+    # read_config has built it once already (on the meta device): these settings build it.
+    size = config["num_classes"], config["in_channels"]
+    model = create_model(config["model"], *size, **config.get("model_kwargs", {}))
     load_weights(model, weights_path, config["model"])
     return model, config
 

@@ -314,8 +314,9 @@ def check_config(config: TrainConfig) -> TrainConfig:
 
 def check_ranges(config: TrainConfig) -> TrainConfig:
     """`config`, once every number is in its range; else a one-line error."""
-    for name in ("holdout", "collapse_steps", "stuck_steps", "checkpoint_every", "crop_padding"):
-        if getattr(config, name) < 0:
+    counts = ("holdout", "collapse_steps", "stuck_steps", "checkpoint_every", "crop_padding")
+    for name in (*counts, "momentum", "weight_decay", "lookahead"):
+        if not getattr(config, name) >= 0:  # `not >=` also catches NaN
             raise NinError(f"--{flag(name)} must be 0 or more, got {getattr(config, name)}")
     for name in ("epochs", "batch_size", "resize", "train_subset", "test_subset"):
         value = getattr(config, name)
@@ -335,9 +336,6 @@ def check_ranges(config: TrainConfig) -> TrainConfig:
     for name in ("lr", "bias_lr_scale"):
         if not getattr(config, name) > 0:
             raise NinError(f"--{flag(name)} must be a positive number, got {getattr(config, name)}")
-    for name in ("momentum", "weight_decay", "lookahead"):
-        if not getattr(config, name) >= 0:
-            raise NinError(f"--{flag(name)} must be 0 or more, got {getattr(config, name)}")
     for name in ("lr", "weight_decay", "momentum", "bias_lr_scale"):
         if not abs(getattr(config, name)) <= FLOAT32_MAX:  # a larger one is infinite on the device
             raise NinError(
