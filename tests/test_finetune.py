@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from nin.cli import main
 from nin.config import make_config
+from nin.data import dataset_spec, load_split
 from nin.models import create_model, list_models
 from nin.pretrained import class_map, finetune_config, freeze_body, load_body, load_pretrained
 from nin.train import train
@@ -84,3 +86,31 @@ def test_an_unknown_source_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "no such run directory" in err and "fashion-mnist" in err
     assert not Path(tmp_path / "run").exists()
+
+
+def cifar_folder(root: Path, data_dir: Path, per_class: int, offset: int = 0) -> Path:
+    """PER_CLASS pictures of CIFAR-10's first three classes, from its test split (which the
+    bundled cifar10 model never trained on), as root/<class>/<index>.png."""
+    images, labels = load_split("cifar10", "test", str(data_dir))
+    for c, name in enumerate(dataset_spec("cifar10").classes[:3]):
+        (root / name).mkdir(parents=True)
+        for i in (labels == c).nonzero().flatten()[offset : offset + per_class].tolist():
+            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(root / name / f"{i}.png")
+    return root
+
+
+def test_fine_tuning_the_cifar10_model_beats_training_from_scratch(tmp_path, data_dir):
+    if not (data_dir / "cifar-10").is_dir():
+        pytest.skip("CIFAR-10 not found in the test data")
+    folder = cifar_folder(tmp_path / "pics", data_dir, 40)
+    common = dict(data=str(folder), epochs=4, batch_size=16, holdout=30, tta=0)
+    scratch = make_config("compact", model="nin_fast", model_kwargs={}, resize=32, **common)
+    tuned = make_config("compact", finetune="cifar10", **common)
+    accs = [
+        train(config, log=lambda line: None)["val_acc"]
+        for config in (
+            dataclasses.replace(c, out=str(tmp_path / n))
+            for c, n in ((scratch, "scratch"), (tuned, "tuned"))
+        )  # fmt: skip
+    ]
+    assert accs[1] >= 0.8 and accs[1] > accs[0] + 0.2, accs  # 30 validation pictures

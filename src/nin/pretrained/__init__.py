@@ -17,6 +17,7 @@ from nin.errors import NinError
 # take it as they are, plus metrics.json: the command that trained it, where, and its score.
 PRETRAINED: dict[str, tuple[str, str]] = {
     "fashion-mnist": ("fashion-mnist", "nin_compact trained on Fashion-MNIST (preset compact)"),
+    "cifar10": ("cifar10", "nin_fast trained on CIFAR-10 (preset cifar10-fast)"),
 }
 
 
