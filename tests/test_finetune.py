@@ -14,7 +14,15 @@ from nin.cli import main
 from nin.config import make_config
 from nin.data import dataset_spec, load_split
 from nin.models import create_model, list_models
-from nin.pretrained import class_map, finetune_config, freeze_body, load_body, load_pretrained
+from nin.pretrained import (
+    PRETRAINED,
+    class_map,
+    finetune_config,
+    freeze_body,
+    load_body,
+    load_pretrained,
+    pretrained_dir,
+)
 from nin.train import train
 
 
@@ -114,3 +122,10 @@ def test_fine_tuning_the_cifar10_model_beats_training_from_scratch(tmp_path, dat
         )  # fmt: skip
     ]
     assert accs[1] >= 0.8 and accs[1] > accs[0] + 0.2, accs  # 30 validation pictures
+
+
+def test_the_docs_quote_each_bundled_models_accuracy_from_its_record():
+    text = (Path(__file__).parents[1] / "docs" / "using.md").read_text()
+    for name in PRETRAINED:
+        record = json.loads((pretrained_dir(name) / "metrics.json").read_text())
+        assert f"{record['test_acc']:.4f}" in text, name
