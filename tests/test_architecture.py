@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "nin"
 DOC = ROOT / "docs" / "architecture.md"
 MAX_FUNCTION_LINES = 60
-# Code lines (docstrings and comments excluded): ceilings a little above the counts of
-# 2026-12-04 (5,302 and 2,348 with benchmarks/ceiling.py, from 5,415 and 2,753), so that the
-# house grows only on purpose.
-BUDGET = {"src/nin": 5400, "benchmarks": 2400}
+# Code lines (docstrings and comments excluded): ceilings a little above the counts, so that
+# the house grows only on purpose. 2026-12-04: 5,302 and 2,348 (from 5,415 and 2,753); raised
+# on 2026-12-05 for fine-tuning, one reader of outside files, one model check, the operator's
+# routes and log progress (5,622 after a trim) and benchmarks/finetune.py (2,452).
+BUDGET = {"src/nin": 5650, "benchmarks": 2500}
 
 
 def module_name(path: Path) -> str:
