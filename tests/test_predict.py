@@ -218,8 +218,8 @@ def test_bundled_model_classifies_test_images(data_dir: Path, tmp_path: Path, ca
 
 def test_unknown_bundled_model(tmp_path: Path, capsys) -> None:
     assert main(["predict", "--model", "imagenet", str(tmp_path)]) == 1
-    assert "no bundled model 'imagenet'; bundled: fashion-mnist" in capsys.readouterr().err
-    with pytest.raises(NinError, match="not both"):
+    assert "no bundled model 'imagenet'; bundled: cifar10, fashion-mnist" in capsys.readouterr().err
+    with pytest.raises(NinError, match="one of them"):
         load_predictor("run", "fashion-mnist")
     assert isinstance(Predictor, type)
 

@@ -115,15 +115,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Reload a checkpoint and print its test accuracy, overall and per class."""
+    from nin.data import data_name
     from nin.report import evaluate_checkpoint
 
     # This command's data directory, subset, batch size and device on the run's settings.
     _, config, loader, result = evaluate_checkpoint(args.checkpoint, **config_options(vars(args)))
-    where = f"{config.data or config.dataset} test split ({loader.num_examples} images)"
+    split = "validation" if loader.note.startswith("no test/") else "test"  # a folder's fallback
+    where = f"{data_name(vars(config))} {split} split ({loader.num_examples} images)"
     print(f"{config.model} on {where}" + (f"; {loader.note}" if loader.note else ""))
     for name, acc in zip(loader.classes, result.per_class, strict=True):
         print(f"  {name:<12} {acc:.3f}")
-    print(f"test acc {result.accuracy:.4f}")
+    print(f"{'val' if split == 'validation' else 'test'} acc {result.accuracy:.4f}")
 
 
 def cmd_exercises(args: argparse.Namespace) -> None:

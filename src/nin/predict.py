@@ -148,7 +148,7 @@ def load_predictor(checkpoint: str | None = None, bundled: str | None = None) ->
     from nin.pretrained import load_pretrained
 
     if (checkpoint is None) == (bundled is None):
-        raise NinError("give either a CHECKPOINT or --model NAME (a bundled model), not both")
+        raise NinError("give a CHECKPOINT or --model NAME (a bundled model): one of them")
     model, config = load_pretrained(bundled) if bundled else load_checkpoint(checkpoint)
     return Predictor(model, config)
 
