@@ -239,7 +239,7 @@ def test_bundled_files_are_package_data() -> None:
         names = [f.name for f in files]
         assert names == ["config.json", "metrics.json", "metrics.jsonl", "model.safetensors"]
         assert all(any(f.match(g) for g in globs) for f in files)
-        assert sum((root / f).stat().st_size for f in files) < 3_000_000
+        assert sum((root / f).stat().st_size for f in files) < 4_000_000  # nin_fast: 3.6 MB
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
