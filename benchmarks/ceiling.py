@@ -85,9 +85,17 @@ def step_speed(preset: str, repeats: int, device: torch.device, small: bool) -> 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=config.momentum)
     loss_fn = torch.nn.CrossEntropyLoss()
     step = seconds(lambda: train_step(model, x, y, optimizer, loss_fn, config.amp), repeats)
+    # The same step through torch.compile (`nin train --compile`), its compilation in the warm-up
+    # (minutes on 2 CPU cores: not in the smoke run).
+    compiled = torch.compile(model)
+    fused = (
+        None
+        if small
+        else seconds(lambda: train_step(compiled, x, y, optimizer, loss_fn, config.amp), repeats)
+    )
     return dict(preset=preset, model=config.model, batch=batch, input="×".join(map(str, size)),
                 precision="bf16" if config.amp else "fp32", channels_last=config.channels_last,
-                step_seconds=step, train_flops=flops)  # fmt: skip
+                step_seconds=step, compiled_step_seconds=fused, train_flops=flops)  # fmt: skip
 
 
 def measure(small: bool) -> dict:
@@ -107,9 +115,11 @@ def render(records: list[dict]) -> str:
         for s in record["steps"]:
             speed = s["train_flops"] / s["step_seconds"]
             ceiling = max(peaks[f"matmul_{s['precision']}"], peaks[f"conv_{s['precision']}"])
+            compiled = s.get("compiled_step_seconds")
+            gain = f"{s['step_seconds'] / compiled:.2f}×" if compiled else "not measured"
             rows.append(fill("ceiling", "row", **s, images=s["batch"] / s["step_seconds"],
                              gflops=s["train_flops"] / 1e9, speed=speed / 1e12,
-                             share=100 * speed / ceiling))  # fmt: skip
+                             share=100 * speed / ceiling, compiled=gain))  # fmt: skip
         tflops = {k: v / 1e12 for k, v in peaks.items()}
         parts.append(fill("ceiling", "machine", **record, **tflops, rows="\n".join(rows)))
     return fill("ceiling", "section", machines="\n\n".join(parts))
