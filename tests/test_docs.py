@@ -72,8 +72,14 @@ SKIP = {
     "nin train --data my-images --model nin_fast --epochs 3 --out runs/my-images": (
         "a minute of training, on the folder above"
     ),
-    "nin eval runs/my-images": "the run above",
-    "nin predict runs/my-images my-images/cat/00000.png": "the run above",
+    "nin train --data my-images --finetune cifar10 --epochs 3 --out runs/my-images-ft": (
+        "fine-tuning on the folder above (tests/test_finetune.py fine-tunes a CIFAR-10 folder)"
+    ),
+    "nin train --data my-images --finetune cifar10 --epochs 30 --out runs/my-images-ft": (
+        "the same, longer"
+    ),
+    "nin eval runs/my-images-ft": "the run above",
+    "nin predict runs/my-images-ft my-images/cat/00000.png": "the run above",
 }
 # Python blocks not run, by their first line.
 SKIP_PYTHON = {
