@@ -129,3 +129,11 @@ def test_the_docs_quote_each_bundled_models_accuracy_from_its_record():
     for name in PRETRAINED:
         record = json.loads((pretrained_dir(name) / "metrics.json").read_text())
         assert f"{record['test_acc']:.4f}" in text, name
+
+
+def test_a_source_of_other_channels_than_the_data_set_is_one_line(tmp_path, capsys):
+    args = ["train", "--dataset", "cifar10", "--finetune", "fashion-mnist",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(args) == 1
+    assert "takes 1-channel images, cifar10 has 3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

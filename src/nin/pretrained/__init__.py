@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from nin.data import Preprocess
+from nin.data import Preprocess, dataset_spec
 from nin.errors import NinError
 
 # name -> (folder beside this file, what it is). Each folder is a run directory of `nin train`
@@ -79,6 +79,12 @@ def finetune_config(config: Any) -> Any:
     """CONFIG (a TrainConfig) set to fine-tune its --finetune source: the source's network, input
     size and channels, no initialisation of its own, the learning rate times FINETUNE_LR."""
     _, saved = load_source(config.finetune)
+    channels = 3 if isinstance(dataset_spec(config.dataset).mean, tuple) else 1
+    if not config.data and channels != saved["in_channels"]:  # a folder is read to fit instead
+        raise NinError(
+            f"--finetune {config.finetune!r:.200} takes {saved['in_channels']}-channel images, "
+            f"{config.dataset} has {channels}; fine-tune on a folder of its pictures (--data)"
+        )
     return dataclasses.replace(
         config, model=saved["model"], model_kwargs=saved.get("model_kwargs", {}),
         resize=Preprocess.for_run(saved).side, channels=saved["in_channels"], init="default",
