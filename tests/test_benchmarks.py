@@ -181,6 +181,7 @@ def test_a_failed_validation_run_stops_the_choice(mnist_results):
         ("gpu_check", "docs/benchmarks.md"),
         ("photos", "docs/using.md"),
         ("ceiling", "docs/benchmarks.md"),
+        ("finetune", "docs/folders.md"),
     ],
 )
 def test_the_committed_records_render_the_committed_pages(script, page, tmp_path, monkeypatch):
