@@ -308,3 +308,27 @@ def test_the_example_script_makes_a_folder_nin_trains_on(tmp_path: Path, data_di
     assert sorted(p.name for p in out.iterdir())[:2] == ["ankle boot", "bag"]
     assert len(list(out.rglob("*.png"))) == 30
     assert load_folder(str(out), 28).images.shape == (30, 1, 28, 28)  # grey: one channel
+
+
+@pytest.mark.parametrize("kind", ["garbled", "fifo"])
+def test_a_resumed_run_whose_split_file_is_not_nins_is_one_line(tmp_path: Path, kind, capsys):
+    from nin.config import make_config
+    from nin.train import train
+
+    folder = colour_folder(tmp_path / "pics", per_class=10)
+    out = tmp_path / "run"
+
+    def stop(metrics: dict) -> None:
+        raise KeyboardInterrupt  # killed after its first epoch's checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(data=str(folder), epochs=2, out=str(out)), log=lambda _: None,
+              on_epoch=stop)  # fmt: skip
+    (out / "split.json").unlink()
+    if kind == "fifo":
+        os.mkfifo(out / "split.json")  # read naively, it would wait for a writer forever
+    else:
+        (out / "split.json").write_text("{not json")
+    assert main(["train", "--resume", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "split" in err and len(err.strip().splitlines()) == 1, err

@@ -38,7 +38,16 @@ from nin.checkpoint import (
     save_tensors,
     write_history,
 )
-from nin.config import CONFIG, FIELDS, WHERE, TrainConfig, flag, read_config, saved_config
+from nin.config import (
+    CONFIG,
+    FIELDS,
+    MAX_RECORD_BYTES,
+    WHERE,
+    TrainConfig,
+    flag,
+    read_config,
+    saved_config,
+)
 from nin.data import data_name, dataset_spec
 from nin.device import autocast, environment, grad_scaler, memory_budget, pick_device, place_model
 from nin.distributed import (
@@ -54,7 +63,7 @@ from nin.distributed import (
 from nin.errors import NinError
 from nin.evaluate import Evaluation, check_input, evaluate
 from nin.fast import TTA_LEVELS, Lookahead, init_whitening_, lr_scheduler, param_groups
-from nin.files import atomic_path, save_figure, write_json
+from nin.files import atomic_path, read_file, save_figure, write_json
 from nin.folders import load_folder
 from nin.loaders import DeviceLoader, make_loader
 from nin.models import count_parameters, create_model, xavier_init_
@@ -557,13 +566,22 @@ def note_folder(
     _, val, carved = data.train_val(config.holdout, config.seed)
     split = {"val": [data.files[i] for i in val.tolist()]} if carved else {}
     saved = run_dir / "split.json"
-    if resume and saved.is_file() and json.loads(saved.read_text()) != split:
+    if resume and os.path.lexists(saved) and read_split(saved) != split:
         raise NinError(
             f"{config.data}: its images changed since {run_dir} began, so the validation split "
             "would differ; restore them, or start a new run with another --out"
         )
     if split and main and not resume:
         write_json(saved, split)
+
+
+def read_split(path: Path) -> Any:
+    """A resumed folder run's split.json, read as a file nin did not write."""
+    fix = "it is not the split.json nin wrote; start a new run with another --out"
+    try:
+        return json.loads(read_file(path, MAX_RECORD_BYTES, fix))
+    except ValueError:  # JSON and decoding errors
+        raise NinError(f"{path}: not valid JSON; {fix}") from None
 
 
 def introduction(config: TrainConfig, device: torch.device, why: str, processes: int) -> str:
