@@ -122,6 +122,7 @@ def report(out: Path) -> None:
     text = fill(
         "finetune", "finetune", machine=RECORDS.load("final-cifar-3x50-scratch-s0")["machine"],
         select=", ".join(f"{k}: {v:.1f}%" for k, v in val.items()), chosen=FINETUNE_LR,
+        factors=", ".join(map(str, LR_FACTORS)), spread=max(val.values()) - min(val.values()),
         rows="\n".join(rows), epochs=EPOCHS, seeds=len(SEEDS),
     )  # fmt: skip
     write_section(out, "finetune", text)
