@@ -310,7 +310,7 @@ def test_the_example_script_makes_a_folder_nin_trains_on(tmp_path: Path, data_di
     assert load_folder(str(out), 28).images.shape == (30, 1, 28, 28)  # grey: one channel
 
 
-@pytest.mark.parametrize("kind", ["garbled", "fifo"])
+@pytest.mark.parametrize("kind", ["garbled", "deep", "fifo"])
 def test_a_resumed_run_whose_split_file_is_not_nins_is_one_line(tmp_path: Path, kind, capsys):
     from nin.config import make_config
     from nin.train import train
@@ -327,6 +327,8 @@ def test_a_resumed_run_whose_split_file_is_not_nins_is_one_line(tmp_path: Path, 
     (out / "split.json").unlink()
     if kind == "fifo":
         os.mkfifo(out / "split.json")  # read naively, it would wait for a writer forever
+    elif kind == "deep":
+        (out / "split.json").write_text("[" * 100_000)  # past the JSON parser's recursion limit
     else:
         (out / "split.json").write_text("{not json")
     assert main(["train", "--resume", str(out)]) == 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -45,6 +44,7 @@ from nin.config import (
     WHERE,
     TrainConfig,
     flag,
+    parse_json,
     read_config,
     saved_config,
 )
@@ -579,7 +579,7 @@ def read_split(path: Path) -> Any:
     """A resumed folder run's split.json, read as a file nin did not write."""
     fix = "it is not the split.json nin wrote; start a new run with another --out"
     try:
-        return json.loads(read_file(path, MAX_RECORD_BYTES, fix))
+        return parse_json(read_file(path, MAX_RECORD_BYTES, fix))
     except ValueError:  # JSON and decoding errors
         raise NinError(f"{path}: not valid JSON; {fix}") from None
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from nin.config import read_config
 from nin.data import Preprocess, dataset_spec
 from nin.errors import NinError
 
@@ -60,25 +61,24 @@ def pretrained_for(model_name: str) -> str | None:
 FINETUNE_LR = 0.1
 
 
-def load_source(source: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model --finetune names (a bundled name, a run directory or one of its
-    .safetensors files) and its config."""
-    from nin.checkpoint import load_checkpoint
-
+def source_path(source: str) -> Path:
+    """Where the trained model --finetune names is: a bundled model's folder, or the run
+    directory (or one of its .safetensors files) given."""
     if source in PRETRAINED:
-        return load_pretrained(source)
+        return pretrained_dir(source)
     if not Path(source).exists():
         raise NinError(
             f"--finetune {source!r:.200}: no such run directory, and no bundled model of that "
             f"name (bundled: {', '.join(sorted(PRETRAINED))})"
         )
-    return load_checkpoint(source)
+    return Path(source)
 
 
 def finetune_config(config: Any) -> Any:
     """CONFIG (a TrainConfig) set to fine-tune its --finetune source: the source's network, input
     size and channels, no initialisation of its own, the learning rate times FINETUNE_LR."""
-    _, saved = load_source(config.finetune)
+    path = source_path(config.finetune)
+    saved = read_config(path if path.is_dir() else path.parent)  # its settings, not its weights
     channels = 3 if isinstance(dataset_spec(config.dataset).mean, tuple) else 1
     if not config.data and channels != saved["in_channels"]:  # a folder is read to fit instead
         raise NinError(
@@ -112,7 +112,9 @@ def is_body(name: str, head: list[str]) -> bool:
 def load_body(model: nn.Module, source: str, num_classes: int) -> None:
     """MODEL takes the source's trained weights (its batch-norm statistics too), all but its
     class maps, which stay as initialised: they learn the new classes."""
-    trained, saved = load_source(source)
+    from nin.checkpoint import load_checkpoint
+
+    trained, saved = load_checkpoint(source_path(source))
     head = class_map(trained, saved["num_classes"])
     body = {k: v for k, v in trained.state_dict().items() if is_body(k, head)}
     mine = model.state_dict()
